@@ -1,1 +1,9 @@
+"""Literate, runnable notebooks that teach pre-training methods and test the papers' claims at toy scale.
+
+Modules:
+
+- `pretrain_nb.data`: Real data that needs no network: Shakespeare's works, the Python standard library, Fashion-MNIST and the scikit-learn digits, as Hugging Face `datasets` objects, with splits that never move, a byte-level BPE and a character tokenizer, and packing into fixed-length blocks.
+- `pretrain_nb.models`: One readable transformer that every notebook shares: attention through `scaled_dot_product_attention`, norm placement and positional encoding as parameters, a GPT, an encoder with an MLM head and a ViT, and a FLOP count for comparing methods at matched compute.
+- `pretrain_nb.training`: AdamW, learning-rate schedules as plain functions, gradient accumulation to a global batch, clipping, periodic evaluation, a tidy history, and checkpoints that resume to the *bitwise* same result, on a CPU, one GPU or many, through Accelerate."""
+
 __version__ = "0.1.0"
