@@ -2,7 +2,9 @@
 
 Modules:
 
+- `pretrain_nb.bench`: Training tokens per second and peak memory of the shared GPT at about 0.2M, 1M and 6M parameters, and images per second of the ViT, against a plain nanoGPT-style implementation of the same configuration on the same machine, with model FLOPs utilization on a GPU.
 - `pretrain_nb.data`: Real data that needs no network: Shakespeare's works, the Python standard library, Fashion-MNIST and the scikit-learn digits, as Hugging Face `datasets` objects, with splits that never move, a byte-level BPE and a character tokenizer, and packing into fixed-length blocks.
+- `pretrain_nb.evaluation`: The measuring instruments every family notebook uses: a linear probe, a k-NN probe and an attentive probe on frozen features, fine-tuning with a fraction of the labels, perplexity, and mean ± std over seeds.
 - `pretrain_nb.models`: One readable transformer that every notebook shares: attention through `scaled_dot_product_attention`, norm placement and positional encoding as parameters, a GPT, an encoder with an MLM head and a ViT, and a FLOP count for comparing methods at matched compute.
 - `pretrain_nb.training`: AdamW, learning-rate schedules as plain functions, gradient accumulation to a global batch, clipping, periodic evaluation, a tidy history, and checkpoints that resume to the *bitwise* same result, on a CPU, one GPU or many, through Accelerate."""
 

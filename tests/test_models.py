@@ -1,0 +1,128 @@
+"""The shared transformer (pretrain_nb.models): masking, norm placement, positions, heads and FLOP counts."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pretrain_nb.core import PretrainNbError
+from pretrain_nb.models import (GPT, GPT_SIZES, Block, Encoder, MaskedLM, TransformerConfig, ViT, attention_mask, causal_lm_loss,
+                                count_parameters, flops_per_token, matmul_parameters, patchify, unpatchify, vit_flops_per_image)
+
+CFG = dict(vocab_size=37, block_size=12, d_model=32, n_layers=2, n_heads=4)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rotary", "none"])
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_gpt_is_causal(pos, norm):
+    torch.manual_seed(0)
+    gpt = GPT(TransformerConfig(**CFG, pos=pos, norm=norm)).eval()
+    idx = torch.randint(37, (2, 12))
+    changed = idx.clone(); changed[:, 7:] = (changed[:, 7:] + 5) % 37
+    a, b = gpt(idx), gpt(changed)
+    assert a.shape == (2, 12, 37)
+    assert torch.allclose(a[:, :7], b[:, :7], atol=1e-6), "future tokens changed past logits"
+    assert not torch.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_encoder_is_bidirectional_and_respects_padding():
+    torch.manual_seed(0)
+    enc = Encoder(TransformerConfig(**CFG)).eval()
+    idx = torch.randint(37, (1, 12))
+    pad = torch.ones(1, 12, dtype=torch.bool); pad[:, 9:] = False
+    out = enc(idx, pad)
+    junk = idx.clone(); junk[:, 9:] = (junk[:, 9:] + 3) % 37
+    assert torch.allclose(enc(junk, pad)[:, :9], out[:, :9], atol=1e-6), "padding changed real tokens"
+    early = idx.clone(); early[:, 8] = (early[:, 8] + 1) % 37
+    assert not torch.allclose(enc(early, pad)[:, 0], out[:, 0]), "a bidirectional encoder must see later tokens"
+
+
+def test_attention_mask():
+    m = attention_mask(torch.tensor([[True, True, False]]), 3, causal=True)[0, 0]
+    assert m.tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    assert attention_mask(None, 3, causal=True) is None
+
+
+def test_tied_weights_and_parameter_count():
+    gpt = GPT(TransformerConfig(**CFG))
+    assert gpt.head.weight is gpt.tok_emb.weight
+    d, L, V, T = 32, 2, 37, 12
+    per_layer = 12 * d * d + 2 * d  # qkv, proj, mlp weights + two LayerNorm weights (no biases)
+    assert count_parameters(gpt) == V * d + T * d + L * per_layer + d  # + the final LayerNorm
+    untied = GPT(TransformerConfig(**CFG, tie_weights=False))
+    assert count_parameters(untied) == count_parameters(gpt) + V * d
+    mlm = MaskedLM(TransformerConfig(**CFG))
+    assert mlm.head.embedding.weight is mlm.encoder.tok_emb.weight
+
+
+def test_flops_against_hand_calculation():
+    cfg = TransformerConfig(vocab_size=100, block_size=64, d_model=16, n_layers=3, n_heads=2, mlp_ratio=4)
+    n = 3 * (16 * 48 + 16 * 16 + 16 * 64 + 64 * 16) + 16 * 100  # qkv, out, fc, proj per layer; the head
+    assert matmul_parameters(cfg) == n
+    assert flops_per_token(cfg, 64) == 6 * n + 12 * 3 * 64 * 16
+    gpt = GPT(cfg)
+    assert sum(m.weight.numel() for m in gpt.modules() if isinstance(m, nn.Linear)) == n
+
+
+def test_vit_flops():
+    vit = ViT(TransformerConfig(d_model=16, n_layers=1, n_heads=2), image_size=8, patch_size=4, pool="mean", n_classes=10)
+    T, d = 4, 16
+    per_token = 6 * (12 * d * d + 16 * d) + 12 * 1 * T * d  # block weights + patch embedding (16 pixels -> d)
+    assert vit_flops_per_image(vit) == T * per_token + 6 * d * 10
+
+
+def _hand_block(x, blk, norm):
+    "The block written out by hand, with plain softmax attention, to check Block."
+    def attn(h):
+        B, T, C = h.shape
+        q, k, v = blk.attn.qkv(h).split(C, dim=2)
+        q, k, v = (t.view(B, T, 4, C // 4).transpose(1, 2) for t in (q, k, v))
+        w = (q @ k.transpose(-1, -2) / math.sqrt(C // 4)).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+        return blk.attn.proj((w.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C))
+    mlp = lambda h: blk.mlp.proj(torch.nn.functional.gelu(blk.mlp.fc(h)))
+    if norm == "pre":
+        x = x + attn(blk.ln1(x)); return x + mlp(blk.ln2(x))
+    x = blk.ln1(x + attn(x)); return blk.ln2(x + mlp(x))
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_block_computes_the_intended_function(norm):
+    torch.manual_seed(0)
+    blk = Block(TransformerConfig(d_model=32, n_heads=4, norm=norm)).eval()
+    x = torch.randn(2, 6, 32)
+    assert torch.allclose(blk(x), _hand_block(x, blk, norm), atol=1e-5)
+
+
+def test_patchify_round_trip_and_order():
+    x = torch.randn(2, 3, 12, 8)
+    assert torch.equal(unpatchify(patchify(x, 4), 4, 3, 12, 8), x)
+    img = torch.arange(16.).view(1, 1, 4, 4)
+    assert patchify(img, 2)[0, 1].tolist() == [2, 3, 6, 7]  # the second patch is the top-right 2x2
+    with pytest.raises(PretrainNbError, match="not divisible"):
+        patchify(torch.zeros(1, 1, 5, 5), 2)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_vit(pool):
+    vit = ViT(TransformerConfig(d_model=32, n_layers=1, n_heads=4), image_size=28, patch_size=7, channels=3, pool=pool, n_classes=5)
+    x = torch.rand(2, 3, 28, 28)
+    assert vit(x).shape == (2, 5) and vit.tokens(x).shape == (2, 16 + (pool == "cls"), 32) and vit.features(x).shape == (2, 32)
+
+
+def test_config_errors():
+    with pytest.raises(PretrainNbError, match="valid placements are: pre, post"):
+        TransformerConfig(norm="peri")
+    with pytest.raises(PretrainNbError, match="divisible by n_heads"):
+        TransformerConfig(d_model=30, n_heads=4)
+    with pytest.raises(PretrainNbError, match="exceeds block_size"):
+        GPT(TransformerConfig(**CFG))(torch.zeros(1, 13, dtype=torch.long))
+
+
+def test_reference_sizes():
+    sizes = {k: count_parameters(GPT(TransformerConfig(**v))) for k, v in GPT_SIZES.items()}
+    assert 0.15e6 < sizes["0.2M"] < 0.25e6 and 0.9e6 < sizes["1M"] < 1.2e6 and 5.5e6 < sizes["6M"] < 6.5e6
+
+
+def test_causal_lm_loss_shifts():
+    logits = torch.full((1, 3, 4), -1e4); logits[0, 0, 2] = 0; logits[0, 1, 3] = 0
+    assert causal_lm_loss(logits, torch.tensor([[0, 2, 3]])).item() < 1e-3
