@@ -88,3 +88,11 @@ def test_extract_features_batches_and_restores_mode():
 
 def test_mean_std():
     assert mean_std([1, 2, 3]) == (2.0, 1.0) and mean_std([5]) == (5.0, 0.0)
+
+
+def test_extract_features_puts_the_module_behind_a_method_in_eval_mode():
+    net = nn.Sequential(nn.Dropout(0.9), nn.Linear(4, 2)); net.train()
+    x = torch.ones(50, 4)
+    a, b = extract_features(net.forward, x), extract_features(net.forward, x)
+    assert torch.equal(a, b), "dropout was active: the module behind the method was not put in eval mode"
+    assert net.training
