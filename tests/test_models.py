@@ -7,13 +7,13 @@ from torch import nn
 
 from pretrain_nb.core import PretrainNbError
 from pretrain_nb.models import (GPT, GPT_SIZES, Block, Encoder, MaskedLM, TransformerConfig, ViT, attention_mask, causal_lm_loss,
-                                count_parameters, flops_per_token, matmul_parameters, patchify, unpatchify, vit_flops_per_image)
+                                block_norms, count_parameters, flops_per_token, matmul_parameters, patchify, unpatchify, vit_flops_per_image)
 
 CFG = dict(vocab_size=37, block_size=12, d_model=32, n_layers=2, n_heads=4)
 
 
 @pytest.mark.parametrize("pos", ["learned", "rotary", "none"])
-@pytest.mark.parametrize("norm", ["pre", "post"])
+@pytest.mark.parametrize("norm", ["pre", "post", "peri", "mix"])
 def test_gpt_is_causal(pos, norm):
     torch.manual_seed(0)
     gpt = GPT(TransformerConfig(**CFG, pos=pos, norm=norm)).eval()
@@ -71,8 +71,13 @@ def test_vit_flops():
     assert vit_flops_per_image(vit) == T * per_token + 6 * d * 10
 
 
+def _hand_layernorm(h, ln):
+    "LayerNorm written out: centre, divide by the standard deviation (eps inside the root), scale."
+    return (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + ln.eps) * ln.weight
+
+
 def _hand_block(x, blk, norm):
-    "The block written out by hand, with plain softmax attention, to check Block."
+    "The block written out by hand, with plain softmax attention and LayerNorm, to check Block."
     def attn(h):
         B, T, C = h.shape
         q, k, v = blk.attn.qkv(h).split(C, dim=2)
@@ -80,17 +85,58 @@ def _hand_block(x, blk, norm):
         w = (q @ k.transpose(-1, -2) / math.sqrt(C // 4)).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
         return blk.attn.proj((w.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C))
     mlp = lambda h: blk.mlp.proj(torch.nn.functional.gelu(blk.mlp.fc(h)))
+    ln = _hand_layernorm
     if norm == "pre":
-        x = x + attn(blk.ln1(x)); return x + mlp(blk.ln2(x))
-    x = blk.ln1(x + attn(x)); return blk.ln2(x + mlp(x))
+        x = x + attn(ln(x, blk.ln1)); return x + mlp(ln(x, blk.ln2))
+    if norm == "post":
+        x = ln(x + attn(x), blk.ln1); return ln(x + mlp(x), blk.ln2)
+    x = x + ln(attn(ln(x, blk.ln1)), blk.ln1_out); return x + ln(mlp(ln(x, blk.ln2)), blk.ln2_out)
 
 
-@pytest.mark.parametrize("norm", ["pre", "post"])
+@pytest.mark.parametrize("norm", ["pre", "post", "peri"])
 def test_block_computes_the_intended_function(norm):
     torch.manual_seed(0)
     blk = Block(TransformerConfig(d_model=32, n_heads=4, norm=norm)).eval()
-    x = torch.randn(2, 6, 32)
+    with torch.no_grad():  # LayerNorm gains away from 1, so that a norm applied in the wrong place shows
+        for m in blk.modules():
+            if isinstance(m, nn.LayerNorm): m.weight.uniform_(0.5, 2.0)
+    x = torch.randn(2, 6, 32) * 3
     assert torch.allclose(blk(x), _hand_block(x, blk, norm), atol=1e-5)
+    others = [n for n in ("pre", "post") if n != norm]
+    assert not any(torch.allclose(blk(x), _hand_block(x, blk, n), atol=1e-3) for n in others)
+
+
+def test_peri_ln_has_output_norms_and_post_ln_has_no_final_norm():
+    peri = GPT(TransformerConfig(**CFG, norm="peri"))
+    assert sum(isinstance(m, nn.LayerNorm) for m in peri.modules()) == 4 * CFG["n_layers"] + 1
+    post = GPT(TransformerConfig(**CFG, norm="post"))
+    assert isinstance(post.trunk.ln_f, nn.Identity) and isinstance(GPT(TransformerConfig(**CFG)).trunk.ln_f, nn.LayerNorm)
+
+
+@pytest.mark.parametrize("alpha, expected", [(0.0, ["pre"] * 8), (0.25, ["post"] * 2 + ["pre"] * 6), (0.3, ["post"] * 2 + ["pre"] * 6),
+                                             (0.5, ["post"] * 4 + ["pre"] * 4), (1.0, ["post"] * 8)])
+def test_mix_ln_puts_post_ln_in_the_first_floor_alpha_l_blocks(alpha, expected):
+    cfg = TransformerConfig(**(CFG | dict(n_layers=8)), norm="mix", mix_post_fraction=alpha)
+    assert block_norms(cfg) == expected
+    assert [b.norm for b in GPT(cfg).trunk.blocks] == expected
+    assert block_norms(TransformerConfig(**CFG, norm="peri")) == ["peri", "peri"]
+
+
+@pytest.mark.parametrize("alpha, equivalent", [(0.0, "pre"), (1.0, "post")])
+def test_mix_ln_at_the_ends_of_alpha_is_pre_or_post_ln(alpha, equivalent):
+    torch.manual_seed(0); mix = GPT(TransformerConfig(**CFG, norm="mix", mix_post_fraction=alpha)).eval()
+    torch.manual_seed(0); ref = GPT(TransformerConfig(**CFG, norm=equivalent)).eval()
+    torch.manual_seed(0); other = GPT(TransformerConfig(**CFG, norm="post" if equivalent == "pre" else "pre")).eval()
+    assert mix.state_dict().keys() == ref.state_dict().keys()
+    idx = torch.randint(37, (2, 12))
+    assert torch.equal(mix(idx), ref(idx))
+    assert not torch.allclose(mix(idx), other(idx), atol=1e-3)
+
+
+def test_wrong_norm_settings_name_what_is_allowed():
+    with pytest.raises(PretrainNbError, match="valid placements are: pre, post, peri, mix"): TransformerConfig(norm="sandwich")
+    with pytest.raises(PretrainNbError, match=r"mix_post_fraction must lie in \[0, 1\]"): TransformerConfig(norm="mix", mix_post_fraction=1.5)
+    with pytest.raises(PretrainNbError, match="valid placements are: pre, post, peri"): Block(TransformerConfig(), norm="mix")
 
 
 def test_patchify_round_trip_and_order():
@@ -110,8 +156,6 @@ def test_vit(pool):
 
 
 def test_config_errors():
-    with pytest.raises(PretrainNbError, match="valid placements are: pre, post"):
-        TransformerConfig(norm="peri")
     with pytest.raises(PretrainNbError, match="divisible by n_heads"):
         TransformerConfig(d_model=30, n_heads=4)
     with pytest.raises(PretrainNbError, match="exceeds block_size"):
