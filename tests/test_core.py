@@ -10,8 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from conftest import ROOT
-from pretrain_nb.core import (_PROFILE_KEYS, PretrainNbError, environment_info, git_commit, load_profile, make_accelerator, profile_names,
-                              repo_root, run_paths, save_figure, seed_everything)
+from pretrain_nb.core import (_PROFILE_KEYS, PretrainNbError, environment_info, git_commit, load_profile, make_accelerator, map_runs,
+                              profile_names, repo_root, run_paths, save_figure, seed_everything)
 
 
 def test_three_profiles_with_budgets():
@@ -109,6 +109,32 @@ def test_same_seed_same_numbers_on_cpu():
     a, b, c = train_a_bit(3), train_a_bit(3), train_a_bit(4)
     assert torch.equal(a, b), "same seed must give bitwise identical parameters on the CPU"
     assert not torch.equal(a, c), "a different seed must give different parameters"
+
+
+def _train_job(seed, profile):
+    "A job for map_runs: a few seeded SGD steps in whatever process runs it; returns the weights, pid and threads."
+    import os
+    gen = seed_everything(seed)
+    w = torch.zeros(4)
+    for _ in range(10):
+        x = torch.randn(16, 4, generator=gen)
+        w -= 0.1 * 2 * x.T @ (x @ w - x.sum(1)) / 16
+    return w, os.getpid(), torch.get_num_threads()
+
+
+def test_map_runs_in_processes_matches_one_after_another():
+    import dataclasses, os
+    standard = load_profile("standard")
+    assert standard.parallel_runs == 2
+    jobs = [dict(seed=s) for s in (0, 1, 2)]
+    together = map_runs(_train_job, jobs, standard)
+    alone = map_runs(_train_job, jobs, dataclasses.replace(standard, parallel_runs=1))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(together, alone)), "results must not depend on where a job ran"
+    assert not torch.equal(together[0][0], together[1][0])
+    assert {pid for _, pid, _ in together} - {os.getpid()} and all(pid == os.getpid() for _, pid, _ in alone)
+    assert {threads for _, _, threads in together} == {1}, "two runs at once on 2 threads get one thread each"
+    with pytest.raises(PretrainNbError, match="parallel_runs must be at least 1"):
+        map_runs(_train_job, jobs, dataclasses.replace(standard, parallel_runs=0))
 
 
 def test_bad_seed():
