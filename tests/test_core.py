@@ -122,6 +122,10 @@ def _train_job(seed, profile):
     return w, os.getpid(), torch.get_num_threads()
 
 
+def _defined_in_a_notebook(seed, profile): return _train_job(seed, profile)
+_defined_in_a_notebook.__module__ = "__main__"  # as a function defined in a notebook's cell is
+
+
 def test_map_runs_in_processes_matches_one_after_another():
     import dataclasses, os
     standard = load_profile("standard")
@@ -133,6 +137,8 @@ def test_map_runs_in_processes_matches_one_after_another():
     assert not torch.equal(together[0][0], together[1][0])
     assert {pid for _, pid, _ in together} - {os.getpid()} and all(pid == os.getpid() for _, pid, _ in alone)
     assert {threads for _, _, threads in together} == {1}, "two runs at once on 2 threads get one thread each"
+    with pytest.raises(PretrainNbError, match="import it from pretrain_nb"):
+        map_runs(_defined_in_a_notebook, jobs, standard)
     with pytest.raises(PretrainNbError, match="parallel_runs must be at least 1"):
         map_runs(_train_job, jobs, dataclasses.replace(standard, parallel_runs=0))
 
