@@ -85,6 +85,8 @@ def test_hub_conversion_on_local_fixture(tmp_path):
     ds = image_rows_to_dataset(rows, "img")
     arr = np.asarray(ds.with_format("numpy")["image"])
     assert arr.shape == (3, 32, 32, 3) and arr[2, 0, 0, 0] == 80 and ds["label"] == [0, 1, 2]
+    x, y = image_tensors(ds)  # colour images come out channels-first, like the grey ones
+    assert x.shape == (3, 3, 32, 32) and torch.allclose(x[2, :, 0, 0], torch.full((3,), 80 / 255)) and y.tolist() == [0, 1, 2]
 
 
 def _fake_shakespeare(folder: Path, text: str):
