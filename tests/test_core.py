@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt
 
 from conftest import ROOT
 from pretrain_nb.core import (_PROFILE_KEYS, PretrainNbError, environment_info, git_commit, load_profile, make_accelerator, map_runs,
-                              profile_names, repo_root, run_paths, save_figure, seed_everything)
+                              profile_names, repo_root, settings_from, run_paths, save_figure, seed_everything)
 
 
 def test_three_profiles_with_budgets():
@@ -141,6 +141,19 @@ def test_map_runs_in_processes_matches_one_after_another():
         map_runs(_defined_in_a_notebook, jobs, standard)
     with pytest.raises(PretrainNbError, match="parallel_runs must be at least 1"):
         map_runs(_train_job, jobs, dataclasses.replace(standard, parallel_runs=0))
+
+
+def test_settings_from_builds_the_dataclass_or_names_the_valid_keys():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Sweep:
+        steps: int = 10
+        lr: float = 1e-3
+
+    assert settings_from(Sweep, {"lr": 0.1}) == Sweep(10, 0.1)
+    with pytest.raises(PretrainNbError, match="Unknown Sweep setting 'step'; valid Sweep settings are: lr, steps"):
+        settings_from(Sweep, {"step": 5})
 
 
 def test_bad_seed():

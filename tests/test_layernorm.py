@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from pretrain_nb.core import PretrainNbError, load_profile
-from pretrain_nb.layernorm import (FixedScaleNorm, angular_distance, layer_grad_norms, layernorm_input_scales, layernorm_names,
+from pretrain_nb.layernorm import (FixedScaleNorm, angular_distance, fixed_subset, layer_grad_norms, layernorm_input_scales, layernorm_names,
                                    remove_layernorms, removal_stages, skip_layer_loss_change, skipping_block, stream_profile,
                                    token_variance, train_placement)
 from pretrain_nb.models import GPT, TransformerConfig, lm_loss
@@ -122,3 +122,10 @@ def test_train_placement_records_diagnostics_and_repeats_exactly():
     assert h.equals(b["history"]), "same seed, same numbers"
     assert not h.val_loss.equals(train_placement(seed=1, profile=prof, **settings)["history"].val_loss)
     with pytest.raises(PretrainNbError, match="valid.*n_layers"): train_placement(seed=0, profile=prof, depth=3)
+
+
+def test_fixed_subset_ignores_the_global_random_state():
+    x = torch.arange(100)
+    torch.manual_seed(0); a = fixed_subset(x, 10, seed=7)
+    torch.manual_seed(1); b = fixed_subset(x, 10, seed=7)
+    assert torch.equal(a, b) and len(set(a.tolist())) == 10 and not torch.equal(a, fixed_subset(x, 10, seed=8))
