@@ -129,3 +129,21 @@ def test_fixed_subset_ignores_the_global_random_state():
     torch.manual_seed(0); a = fixed_subset(x, 10, seed=7)
     torch.manual_seed(1); b = fixed_subset(x, 10, seed=7)
     assert torch.equal(a, b) and len(set(a.tolist())) == 10 and not torch.equal(a, fixed_subset(x, 10, seed=8))
+
+
+def test_the_sweep_functions_run_in_spawned_processes():
+    "The notebooks' standard profile runs train_placement two at a time in fresh processes: same numbers as in-process."
+    import dataclasses
+    from pretrain_nb.core import map_runs
+    standard = load_profile("standard")
+    settings = dict(n_layers=2, d_model=16, n_heads=2, block_size=16, steps=3, batch_size=4, warmup_steps=1, eval_every=3,
+                    n_val_blocks=8, n_probe_blocks=4)
+    jobs = [dict(seed=0, norm="peri", **settings), dict(seed=1, norm="post", **settings)]
+    threads = torch.get_num_threads()
+    try:
+        together = map_runs(train_placement, jobs, standard)
+        alone = map_runs(train_placement, jobs, dataclasses.replace(standard, parallel_runs=1, cpu_threads=1))
+    finally:
+        torch.set_num_threads(threads)  # the in-process runs set one thread; give the rest of the session its threads back
+    for a, b in zip(together, alone):
+        assert a["history"].equals(b["history"]) and (a["skip"] == b["skip"]).all()
