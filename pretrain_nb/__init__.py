@@ -8,6 +8,7 @@ Modules:
 - `pretrain_nb.evaluation`: The measuring instruments every family notebook uses: a linear probe, a k-NN probe and an attentive probe on frozen features, fine-tuning with a fraction of the labels, perplexity, and mean ± std over seeds.
 - `pretrain_nb.layernorm`: Post-LN, Pre-LN, Mix-LN and Peri-LN in one deep, narrow GPT; the diagnostics that tell them apart (gradient norm, residual variance and usefulness of each layer); and removing every LayerNorm from a trained model by fine-tuning.
 - `pretrain_nb.models`: One readable transformer that every notebook shares: attention through `scaled_dot_product_attention`, norm placement and positional encoding as parameters, a GPT, an encoder with an MLM head and a ViT, and a FLOP count for comparing methods at matched compute.
+- `pretrain_nb.repetition`: A fixed budget of unique text, trained on for 1 to 32 epochs at the same compute; dropout and weight decay as the repeats pile up; and, when compute is unlimited but data is not, ensembles, their distillation into one model, and the loss asymptotes that decide between them.
 - `pretrain_nb.training`: AdamW, learning-rate schedules as plain functions, gradient accumulation to a global batch, clipping, periodic evaluation, a tidy history, and checkpoints that resume to the *bitwise* same result, on a CPU, one GPU or many, through Accelerate."""
 
 __version__ = "0.1.0"
