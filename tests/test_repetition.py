@@ -99,8 +99,11 @@ def test_fit_power_law_recovers_known_parameters():
     f = fit_power_law(k, 3.1 + 0.4 * k ** -1.2 + np.random.default_rng(0).normal(0, 0.002, k.size))
     assert f.asymptote == pytest.approx(3.1, abs=0.02) and f.exponent == pytest.approx(1.2, rel=0.2)
     assert np.allclose(f(k), 3.1 + 0.4 * k ** -1.2, atol=0.01)
+    straight = fit_power_law([1, 2, 3, 4], 3.0 - 0.01 * np.log([1, 2, 3, 4]))  # no curvature: the grid's end decides the asymptote
+    assert not straight.identified and straight.exponent == pytest.approx(0.05)
+    assert fit_power_law(k, 3.1 + 0.4 * k ** -1.2).identified
     flat = fit_power_law([1, 2, 3, 4], [2.0, 2.1, 2.05, 2.2])  # rising data: the best non-increasing law is a constant
-    assert flat.scale == 0.0 and flat.asymptote == pytest.approx(2.0875)
+    assert flat.scale == 0.0 and flat.asymptote == pytest.approx(2.0875) and flat.identified
     with pytest.raises(PretrainNbError, match="at least 3 points"): fit_power_law([1, 2], [3, 2])
     with pytest.raises(PretrainNbError, match="positive x"): fit_power_law([0, 1, 2], [3, 2, 1])
 
