@@ -3,6 +3,7 @@
 Modules:
 
 - `pretrain_nb.bench`: Training tokens per second and peak memory of the shared GPT at about 0.2M, 1M and 6M parameters, and images per second of the ViT, against a plain nanoGPT-style implementation of the same configuration on the same machine, with model FLOPs utilization on a GPU.
+- `pretrain_nb.continual`: A small GPT pre-trained on Shakespeare, then continued on Python code: how to re-warm the learning rate, schedules that never need re-warming, the temporary drop at the switch and how to soften it, how much old data to replay, and why a quality curriculum needs the right schedule.
 - `pretrain_nb.contrastive`: Learn features by pulling two augmented views of the same image together and pushing other images away. This notebook builds SimCLR from its parts (augmentations, encoder, projection head, InfoNCE), then tests two papers that change it: Decoupled Contrastive Learning, and the study of which layer's features to keep.
 - `pretrain_nb.data`: Real data that needs no network: Shakespeare's works, the Python standard library, Fashion-MNIST and the scikit-learn digits, as Hugging Face `datasets` objects, with splits that never move, a byte-level BPE and a character tokenizer, and packing into fixed-length blocks.
 - `pretrain_nb.evaluation`: The measuring instruments every family notebook uses: a linear probe, a k-NN probe and an attentive probe on frozen features, fine-tuning with a fraction of the labels, perplexity, and mean ± std over seeds.

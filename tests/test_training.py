@@ -45,6 +45,8 @@ def test_batch_indices_cover_each_epoch_once():
         assert sorted(idx[12 * e: 12 * (e + 1)].tolist()) == list(range(12))
     assert torch.equal(batch_indices(7, 12, 5, seed=3), batch_indices(7, 12, 5, seed=3))
     assert not torch.equal(batch_indices(0, 12, 5, seed=3), batch_indices(0, 12, 5, seed=4))
+    in_order = torch.cat([batch_indices(s, 12, 5, seed=3, shuffle=False) for s in range(12)])
+    assert in_order.tolist() == list(range(12)) * 5  # shuffle=False keeps the data's order (a curriculum), epoch after epoch
 
 
 def _setup(vocab=20, n=64):

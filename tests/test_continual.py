@@ -1,0 +1,129 @@
+"""The continual pre-training notebook's pieces (pretrain_nb.continual): schedules, replay, quality, averaging, one phase."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain_nb.continual import (QUALITY_REFERENCE, PhaseRun, annealed, average_states, bigram_log_probs, infinite_schedule, offset,
+                                   phase_blocks, repeated_cosine, replay_mix, rewarm_cosine, train_phase, typicality)
+from pretrain_nb.core import PretrainNbError, load_profile
+from pretrain_nb.training import batch_indices, warmup_cosine
+
+
+def test_rewarm_cosine_breakpoints_and_continuity():
+    s = rewarm_cosine(total=100, warmup=10, peak=0.5, start=0.1, floor=0.2)
+    assert s(0) == pytest.approx(0.1 + 0.4 / 10) and s(9) == pytest.approx(0.5)  # linear from the old rate to the peak
+    assert s(10) == pytest.approx(0.5) and s(99) == pytest.approx(0.2 * 0.5)  # cosine from the peak to floor * peak
+    values = np.array([s(t) for t in range(100)])
+    assert np.all(np.diff(values[:10]) > 0) and np.all(np.diff(values[10:]) <= 1e-12)
+    assert np.abs(np.diff(values)).max() < 0.05  # no jumps
+    with pytest.raises(PretrainNbError, match="warmup must be"): rewarm_cosine(10, 10)
+
+
+def test_repeated_cosine_restarts_every_phase():
+    s = repeated_cosine([50, 30, 30], warmup=5, floor=0.1)
+    first = warmup_cosine(5, 50, 0.1)
+    assert all(s(t) == pytest.approx(first(t)) for t in range(50))
+    for start, length in ((50, 30), (80, 30)):
+        assert s(start - 1) == pytest.approx(0.1)  # the previous phase ended decayed
+        assert s(start) == pytest.approx(1 / 5)  # and the next one warms up again from scratch
+        assert s(start + length - 1) == pytest.approx(0.1)
+    assert s(500) == pytest.approx(0.1)  # past the last phase: its final value
+
+
+def test_infinite_schedule_annealed_and_offset():
+    s = infinite_schedule(warmup=10, cooldown=40, level=0.4)
+    assert s(9) == pytest.approx(1.0) and s(10) == pytest.approx(1.0) and s(50) == pytest.approx(0.4)
+    assert all(s(t) == pytest.approx(0.4) for t in (60, 1000, 10**6))  # constant for ever
+    assert max(abs(s(t + 1) - s(t)) for t in range(200)) <= 0.1 + 1e-9  # the warmup's own increments are the largest steps
+    a = annealed(s, start=100, steps=20, floor=0.0)
+    assert all(a(t) == s(t) for t in range(100))
+    assert a(100) == pytest.approx(0.4 * (1 - 1 / 20)) and a(119) == pytest.approx(0.0) and a(500) == 0.0
+    assert offset(s, 30)(0) == s(30)
+    with pytest.raises(PretrainNbError, match="at least 1 step"): annealed(s, 10, 0)
+
+
+def test_replay_mix_gives_the_ratio_exactly_and_spreads_it_over_batches():
+    new, old = torch.zeros(5000, 3, dtype=torch.long), torch.ones(5000, 3, dtype=torch.long)
+    blocks, is_old = replay_mix(new, old, n=3200, ratio=0.2, seed=1)
+    assert len(blocks) == 3200 and int(is_old.sum()) == 640 and torch.equal(blocks[:, 0].bool(), is_old)
+    shares = torch.stack([is_old[batch_indices(s, 3200, 32, seed=0)].float().mean() for s in range(100)])  # one epoch
+    # over an epoch the batches hold exactly the ratio; within a batch it varies like sampling without replacement
+    assert shares.mean().item() == pytest.approx(0.2, abs=1e-6) and 0.04 < shares.std().item() < 0.1 and shares.max() < 0.5
+    assert int(replay_mix(new, old, 100, 0.0)[1].sum()) == 0
+    with pytest.raises(PretrainNbError, match=r"in \[0, 1\)"): replay_mix(new, old, 10, 1.0)
+    with pytest.raises(PretrainNbError, match="need 2000 new and 8000 old blocks"): replay_mix(new, old, 10000, 0.8)
+
+
+def test_bigram_typicality_by_hand():
+    reference = torch.tensor([[0, 1, 0, 1, 2]])  # bigrams 0->1 twice, 1->0 once, 1->2 once
+    log_p = bigram_log_probs(reference, vocab_size=3, smoothing=0.0 + 1e-9)
+    assert log_p[0, 1].exp().item() == pytest.approx(1.0, abs=1e-6)
+    assert log_p[1, 0].exp().item() == pytest.approx(0.5, abs=1e-6) and log_p[1, 2].exp().item() == pytest.approx(0.5, abs=1e-6)
+    smooth = bigram_log_probs(reference, vocab_size=3, smoothing=1.0)
+    assert smooth[2].exp().tolist() == pytest.approx([1 / 3] * 3)  # an unseen context: uniform
+    score = typicality(torch.tensor([[0, 1, 0], [2, 2, 2]]), smooth)
+    assert score[0] > score[1]
+    assert score[0].item() == pytest.approx((math.log(3 / 5) + math.log(2 / 5)) / 2, rel=1e-5)
+
+
+def test_average_states():
+    a = {"w": torch.tensor([0.0, 2.0]), "n": torch.tensor(1)}
+    b = {"w": torch.tensor([2.0, 4.0]), "n": torch.tensor(7)}
+    avg = average_states([a, b])
+    assert avg["w"].tolist() == [1.0, 3.0] and avg["n"].item() == 7  # integer buffers from the last state
+    assert torch.equal(average_states([a])["w"], a["w"])
+    with pytest.raises(PretrainNbError, match="at least one"): average_states([])
+
+
+def fake_data(n_new: int = 3000, vocab: int = 16) -> dict:
+    g = torch.Generator().manual_seed(0)
+    return {"A": {"train": torch.randint(0, vocab, (500, 8), generator=g)}, "B": {"train": torch.randint(0, vocab, (n_new, 8), generator=g)},
+            "C": {"train": torch.randint(0, vocab, (500, 8), generator=g)}, "vocab_size": vocab}
+
+
+def test_phase_blocks_subsets_quality_and_order():
+    data = fake_data()
+    full, shuffle = phase_blocks(PhaseRun(steps=10, batch_size=16), data, seed=0)
+    assert full.shape == (160, 8) and shuffle
+    subset, _ = phase_blocks(PhaseRun(steps=10, batch_size=16, subset_epochs=4), data, seed=0)
+    assert torch.equal(subset, full[:40])  # a random quarter of the same pool
+    reference = data["B"]["train"][torch.randperm(3000, generator=torch.Generator().manual_seed(12345))[:QUALITY_REFERENCE]]
+    score = typicality(full, bigram_log_probs(reference, 16))
+    top, _ = phase_blocks(PhaseRun(steps=10, batch_size=16, subset_epochs=4, quality="top"), data, seed=0)
+    assert typicality(top, bigram_log_probs(reference, 16)).min() >= score.sort(descending=True).values[39] - 1e-6
+    ascending, shuffle = phase_blocks(PhaseRun(steps=10, batch_size=16, quality="ascending"), data, seed=0)
+    s = typicality(ascending, bigram_log_probs(reference, 16))
+    assert not shuffle and torch.all(s[1:] >= s[:-1]) and sorted(map(tuple, ascending.tolist())) == sorted(map(tuple, full.tolist()))
+    mixed, _ = phase_blocks(PhaseRun(steps=10, batch_size=16, replay=0.25), data, seed=0)
+    in_a = {tuple(r) for r in data["A"]["train"].tolist()}
+    assert sum(tuple(r) in in_a for r in mixed.tolist()) == 40
+    assert not torch.equal(full, phase_blocks(PhaseRun(steps=10, batch_size=16), data, seed=1)[0])  # the seed picks the pool
+    with pytest.raises(PretrainNbError, match="valid domains are: A, B, C"): phase_blocks(PhaseRun(domain="D"), data, 0)
+    with pytest.raises(PretrainNbError, match="subset_epochs \\(3\\) must divide"): phase_blocks(PhaseRun(steps=10, batch_size=16, subset_epochs=3), data, 0)
+
+
+TINY = dict(n_layers=1, d_model=16, steps=12, batch_size=8, eval_every=4, n_val_blocks=16, warmup_steps=2)
+
+
+def test_train_phase_branch_is_an_exact_resume():
+    profile = load_profile("smoke")
+    settings = TINY | dict(schedule="infinite", level=0.5, anneal_steps=4)
+    straight = train_phase(settings, seed=0, profile=profile)
+    branched = train_phase(settings, seed=0, profile=profile, branch_at=8)
+    assert straight["final"] == branched["final"] and straight["history"] == branched["history"]
+    assert all(torch.equal(straight["state"][k], branched["state"][k]) for k in straight["state"])
+    assert not all(torch.equal(branched["branch_state"][k], branched["state"][k]) for k in branched["state"])
+    assert branched["lr"][7] == pytest.approx(0.5 * 3e-3) and branched["lr"][-1] == pytest.approx(0.0)
+    assert straight["history"]["step"] == [0, 4, 8, 12]  # the loss before training is the first point
+
+
+def test_train_phase_continues_from_weights_and_averages():
+    profile = load_profile("smoke")
+    first = train_phase(TINY | dict(domain="A", schedule="rewarm", start=0.0), seed=0, profile=profile)
+    cont = train_phase(TINY | dict(domain="B"), seed=0, profile=profile, init_state=first["state"], average_last=2)
+    assert cont["history"]["loss_A"][0] == pytest.approx(first["final"]["loss_A"], rel=1e-6)  # starts where A ended
+    assert set(cont["final_averaged"]) == {"loss_A", "loss_B", "loss_C"} and cont["final_averaged"] != cont["final"]
+    with pytest.raises(PretrainNbError, match="Unknown PhaseRun setting 'domian'"):
+        train_phase(TINY | dict(domian="B"), seed=0, profile=profile)
