@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain_nb.continual import (QUALITY_REFERENCE, PhaseRun, annealed, average_states, bigram_log_probs, infinite_schedule, offset,
-                                   phase_blocks, repeated_cosine, replay_mix, rewarm_cosine, train_phase, typicality)
+from pretrain_nb.continual import (PhaseRun, annealed, average_states, infinite_schedule, noise_graded, offset, phase_blocks, repeated_cosine,
+                                   replay_mix, rewarm_cosine, train_phase)
 from pretrain_nb.core import PretrainNbError, load_profile
 from pretrain_nb.training import batch_indices, warmup_cosine
 
@@ -56,16 +56,15 @@ def test_replay_mix_gives_the_ratio_exactly_and_spreads_it_over_batches():
     with pytest.raises(PretrainNbError, match="need 2000 new and 8000 old blocks"): replay_mix(new, old, 10000, 0.8)
 
 
-def test_bigram_typicality_by_hand():
-    reference = torch.tensor([[0, 1, 0, 1, 2]])  # bigrams 0->1 twice, 1->0 once, 1->2 once
-    log_p = bigram_log_probs(reference, vocab_size=3, smoothing=0.0 + 1e-9)
-    assert log_p[0, 1].exp().item() == pytest.approx(1.0, abs=1e-6)
-    assert log_p[1, 0].exp().item() == pytest.approx(0.5, abs=1e-6) and log_p[1, 2].exp().item() == pytest.approx(0.5, abs=1e-6)
-    smooth = bigram_log_probs(reference, vocab_size=3, smoothing=1.0)
-    assert smooth[2].exp().tolist() == pytest.approx([1 / 3] * 3)  # an unseen context: uniform
-    score = typicality(torch.tensor([[0, 1, 0], [2, 2, 2]]), smooth)
-    assert score[0] > score[1]
-    assert score[0].item() == pytest.approx((math.log(3 / 5) + math.log(2 / 5)) / 2, rel=1e-5)
+def test_noise_graded_changes_tokens_in_proportion_to_the_level():
+    clean = torch.zeros(200, 2000, dtype=torch.long)
+    noisy, level = noise_graded(clean, max_noise=0.5, vocab_size=100, seed=3)
+    changed = (noisy != 0).float().mean(1)
+    expected = 0.5 * level * (1 - 1 / 100)  # a random token equals the original one time in 100
+    assert torch.allclose(changed, expected, atol=0.05)  # binomial spread: sd about 0.01 per block and level.min() >= 0 and level.max() <= 1
+    assert torch.equal(noisy, noise_graded(clean, 0.5, 100, seed=3)[0]) and not torch.equal(noisy, noise_graded(clean, 0.5, 100, seed=4)[0])
+    assert torch.equal(noise_graded(clean, 0.0, 100)[0], clean)
+    with pytest.raises(PretrainNbError, match=r"max_noise must be in \[0, 1\]"): noise_graded(clean, 1.5, 100)
 
 
 def test_average_states():
@@ -87,21 +86,22 @@ def test_phase_blocks_subsets_quality_and_order():
     data = fake_data()
     full, shuffle = phase_blocks(PhaseRun(steps=10, batch_size=16), data, seed=0)
     assert full.shape == (160, 8) and shuffle
+    assert not torch.equal(full, phase_blocks(PhaseRun(steps=10, batch_size=16), data, seed=1)[0])  # the seed picks the pool
     subset, _ = phase_blocks(PhaseRun(steps=10, batch_size=16, subset_epochs=4), data, seed=0)
     assert torch.equal(subset, full[:40])  # a random quarter of the same pool
-    reference = data["B"]["train"][torch.randperm(3000, generator=torch.Generator().manual_seed(12345))[:QUALITY_REFERENCE]]
-    score = typicality(full, bigram_log_probs(reference, 16))
-    top, _ = phase_blocks(PhaseRun(steps=10, batch_size=16, subset_epochs=4, quality="top"), data, seed=0)
-    assert typicality(top, bigram_log_probs(reference, 16)).min() >= score.sort(descending=True).values[39] - 1e-6
-    ascending, shuffle = phase_blocks(PhaseRun(steps=10, batch_size=16, quality="ascending"), data, seed=0)
-    s = typicality(ascending, bigram_log_probs(reference, 16))
-    assert not shuffle and torch.all(s[1:] >= s[:-1]) and sorted(map(tuple, ascending.tolist())) == sorted(map(tuple, full.tolist()))
+    noisy, level = noise_graded(full, 0.5, 16, seed=0)
+    graded, _ = phase_blocks(PhaseRun(steps=10, batch_size=16, max_noise=0.5), data, seed=0)
+    assert torch.equal(graded, noisy)  # the same noise in every arm of a seed
+    top, _ = phase_blocks(PhaseRun(steps=10, batch_size=16, max_noise=0.5, subset_epochs=4, quality="top"), data, seed=0)
+    assert sorted(map(tuple, top.tolist())) == sorted(map(tuple, noisy[level.argsort()[:40]].tolist()))  # the cleanest quarter
+    ascending, shuffle = phase_blocks(PhaseRun(steps=10, batch_size=16, max_noise=0.5, quality="ascending"), data, seed=0)
+    assert not shuffle and torch.equal(ascending, noisy[level.argsort(descending=True)])  # noisiest first, in order
     mixed, _ = phase_blocks(PhaseRun(steps=10, batch_size=16, replay=0.25), data, seed=0)
     in_a = {tuple(r) for r in data["A"]["train"].tolist()}
     assert sum(tuple(r) in in_a for r in mixed.tolist()) == 40
-    assert not torch.equal(full, phase_blocks(PhaseRun(steps=10, batch_size=16), data, seed=1)[0])  # the seed picks the pool
     with pytest.raises(PretrainNbError, match="valid domains are: A, B, C"): phase_blocks(PhaseRun(domain="D"), data, 0)
     with pytest.raises(PretrainNbError, match="subset_epochs \\(3\\) must divide"): phase_blocks(PhaseRun(steps=10, batch_size=16, subset_epochs=3), data, 0)
+    with pytest.raises(PretrainNbError, match="need a mixed-quality pool"): phase_blocks(PhaseRun(steps=10, batch_size=16, quality="top"), data, 0)
 
 
 TINY = dict(n_layers=1, d_model=16, steps=12, batch_size=8, eval_every=4, n_val_blocks=16, warmup_steps=2)
