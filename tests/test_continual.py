@@ -1,6 +1,4 @@
 """The continual pre-training notebook's pieces (pretrain_nb.continual): schedules, replay, quality, averaging, one phase."""
-import math
-
 import numpy as np
 import pytest
 import torch

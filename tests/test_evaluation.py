@@ -1,13 +1,12 @@
-"""Probes, fine-tuning, perplexity (pretrain_nb.evaluation) on problems whose answer is known."""
-import math
-
+"""Probes, fine-tuning, perplexity, power-law fits (pretrain_nb.evaluation) on problems whose answer is known."""
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from pretrain_nb.core import PretrainNbError
-from pretrain_nb.evaluation import (AttentiveProbe, attentive_probe, extract_features, finetune, knn_probe, label_subset, linear_probe,
-                                    mean_std, perplexity)
+from pretrain_nb.evaluation import (AttentiveProbe, attentive_probe, extract_features, finetune, fit_power_law, knn_probe, label_subset,
+                                    linear_probe, mean_std, perplexity)
 
 
 def _blobs(n=600, d=16, noise=1.0, seed=0):
@@ -96,3 +95,21 @@ def test_extract_features_puts_the_module_behind_a_method_in_eval_mode():
     a, b = extract_features(net.forward, x), extract_features(net.forward, x)
     assert torch.equal(a, b), "dropout was active: the module behind the method was not put in eval mode"
     assert net.training
+
+
+def test_fit_power_law_recovers_known_parameters():
+    x = np.array([1e4, 3e4, 1e5, 3e5, 1e6])
+    f = fit_power_law(x, 2.0 + 50.0 * x ** -0.5)
+    assert f.asymptote == pytest.approx(2.0, abs=2e-3) and f.exponent == pytest.approx(0.5, rel=0.01)
+    assert f.scale == pytest.approx(50.0, rel=0.05) and f.r2 > 0.9999
+    k = np.arange(1, 7.0)
+    f = fit_power_law(k, 3.1 + 0.4 * k ** -1.2 + np.random.default_rng(0).normal(0, 0.002, k.size))
+    assert f.asymptote == pytest.approx(3.1, abs=0.02) and f.exponent == pytest.approx(1.2, rel=0.2)
+    assert np.allclose(f(k), 3.1 + 0.4 * k ** -1.2, atol=0.01)
+    straight = fit_power_law([1, 2, 3, 4], 3.0 - 0.01 * np.log([1, 2, 3, 4]))  # no curvature: the grid's end decides the asymptote
+    assert not straight.identified and straight.exponent == pytest.approx(0.05)
+    assert fit_power_law(k, 3.1 + 0.4 * k ** -1.2).identified
+    flat = fit_power_law([1, 2, 3, 4], [2.0, 2.1, 2.05, 2.2])  # rising data: the best non-increasing law is a constant
+    assert flat.scale == 0.0 and flat.asymptote == pytest.approx(2.0875) and flat.identified
+    with pytest.raises(PretrainNbError, match="at least 3 points"): fit_power_law([1, 2], [3, 2])
+    with pytest.raises(PretrainNbError, match="positive x"): fit_power_law([0, 1, 2], [3, 2, 1])

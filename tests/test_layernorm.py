@@ -1,5 +1,4 @@
 """LayerNorm placements' diagnostics and LayerNorm removal (pretrain_nb.layernorm)."""
-import copy
 import math
 
 import pytest

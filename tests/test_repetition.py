@@ -8,8 +8,7 @@ import torch.nn.functional as F
 
 from pretrain_nb.core import PretrainNbError, load_profile
 from pretrain_nb.models import GPT, TransformerConfig, causal_lm_loss, lm_loss
-from pretrain_nb.repetition import (distillation_loss, ensemble_log_probs, ensemble_loss, fit_power_law, sample_order,
-                                    train_on_repeats, unique_budget)
+from pretrain_nb.repetition import distillation_loss, ensemble_log_probs, ensemble_loss, sample_order, train_on_repeats, unique_budget
 from pretrain_nb.training import TrainConfig, train
 
 
@@ -88,24 +87,6 @@ def test_distillation_loss():
         assert distillation_loss(student, (idx, other), weight=0.0).item() == pytest.approx(lm_loss(student, idx).item(), rel=1e-5)
         kl = F.kl_div(F.log_softmax(student(idx)[:, :-1], -1), other[:, :-1], log_target=True, reduction="none").sum(-1).mean()
         assert distillation_loss(student, (idx, other)).item() == pytest.approx(kl.item(), rel=1e-5)
-
-
-def test_fit_power_law_recovers_known_parameters():
-    x = np.array([1e4, 3e4, 1e5, 3e5, 1e6])
-    f = fit_power_law(x, 2.0 + 50.0 * x ** -0.5)
-    assert f.asymptote == pytest.approx(2.0, abs=2e-3) and f.exponent == pytest.approx(0.5, rel=0.01)
-    assert f.scale == pytest.approx(50.0, rel=0.05) and f.r2 > 0.9999
-    k = np.arange(1, 7.0)
-    f = fit_power_law(k, 3.1 + 0.4 * k ** -1.2 + np.random.default_rng(0).normal(0, 0.002, k.size))
-    assert f.asymptote == pytest.approx(3.1, abs=0.02) and f.exponent == pytest.approx(1.2, rel=0.2)
-    assert np.allclose(f(k), 3.1 + 0.4 * k ** -1.2, atol=0.01)
-    straight = fit_power_law([1, 2, 3, 4], 3.0 - 0.01 * np.log([1, 2, 3, 4]))  # no curvature: the grid's end decides the asymptote
-    assert not straight.identified and straight.exponent == pytest.approx(0.05)
-    assert fit_power_law(k, 3.1 + 0.4 * k ** -1.2).identified
-    flat = fit_power_law([1, 2, 3, 4], [2.0, 2.1, 2.05, 2.2])  # rising data: the best non-increasing law is a constant
-    assert flat.scale == 0.0 and flat.asymptote == pytest.approx(2.0875) and flat.identified
-    with pytest.raises(PretrainNbError, match="at least 3 points"): fit_power_law([1, 2], [3, 2])
-    with pytest.raises(PretrainNbError, match="positive x"): fit_power_law([0, 1, 2], [3, 2, 1])
 
 
 TINY = dict(n_layers=1, d_model=16, steps=16, batch_size=8, eval_every=8, n_val_blocks=16, warmup_steps=2)

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from pretrain_nb.core import PretrainNbError, load_profile
+from pretrain_nb.core import PretrainNbError
 from pretrain_nb.results import (INCONCLUSIVE, NOT_ASSESSED, NOT_REPRODUCED, REPRODUCED, RESULTS_KEYS, Paper, all_of, beats,
                                  judge, mean_above, mean_below, r2_above, r_squared, start_run)
 

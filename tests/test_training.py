@@ -1,7 +1,5 @@
 """The training loop (pretrain_nb.training): schedules at their breakpoints, data order, exact resume,
 and the 2-process path against a 1-process run with the same global batch."""
-import json
-import math
 
 import pytest
 import torch
