@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain_nb.continual import (PhaseRun, annealed, average_states, infinite_schedule, noise_graded, offset, phase_blocks, repeated_cosine,
-                                   replay_mix, rewarm_cosine, train_phase)
+from pretrain_nb.continual import (PhaseRun, annealed, average_states, infinite_schedule, noise_graded, phase_blocks, repeated_cosine, replay_mix,
+                                   rewarm_cosine, train_phase)
 from pretrain_nb.core import PretrainNbError, load_profile
 from pretrain_nb.training import batch_indices, warmup_cosine
 
@@ -30,7 +30,7 @@ def test_repeated_cosine_restarts_every_phase():
     assert s(500) == pytest.approx(0.1)  # past the last phase: its final value
 
 
-def test_infinite_schedule_annealed_and_offset():
+def test_infinite_schedule_and_annealed():
     s = infinite_schedule(warmup=10, cooldown=40, level=0.4)
     assert s(9) == pytest.approx(1.0) and s(10) == pytest.approx(1.0) and s(50) == pytest.approx(0.4)
     assert all(s(t) == pytest.approx(0.4) for t in (60, 1000, 10**6))  # constant for ever
@@ -38,7 +38,6 @@ def test_infinite_schedule_annealed_and_offset():
     a = annealed(s, start=100, steps=20, floor=0.0)
     assert all(a(t) == s(t) for t in range(100))
     assert a(100) == pytest.approx(0.4 * (1 - 1 / 20)) and a(119) == pytest.approx(0.0) and a(500) == 0.0
-    assert offset(s, 30)(0) == s(30)
     with pytest.raises(PretrainNbError, match="at least 1 step"): annealed(s, 10, 0)
 
 
