@@ -6,7 +6,7 @@ import pytest
 
 from pretrain_nb.core import PretrainNbError
 from pretrain_nb.results import (INCONCLUSIVE, NOT_ASSESSED, NOT_REPRODUCED, REPRODUCED, RESULTS_KEYS, Paper, all_of, beats,
-                                 judge, mean_above, mean_below, r2_above, r_squared, start_run)
+                                 judge, mean_above, mean_below, r2_above, r_squared, spread_below, start_run)
 
 GOOD = {"new": [0.81, 0.83, 0.82], "old": [0.78, 0.80, 0.79]}
 
@@ -60,6 +60,20 @@ def test_all_of():
     assert all_of(ok, mean_above("new", 0.5))(GOOD).verdict == REPRODUCED
     assert all_of(ok, bad)(GOOD).verdict == NOT_REPRODUCED
     assert all_of(ok, mean_above("new", 0.82))(GOOD).verdict == INCONCLUSIVE
+
+
+def test_spread_below_both_ways_and_its_power():
+    steady = [0.70, 0.71, 0.70, 0.71, 0.70, 0.71, 0.70, 0.71, 0.705]
+    shaky = [0.60, 0.72, 0.65, 0.75, 0.58, 0.70, 0.62, 0.74, 0.66]
+    v = spread_below("pre-trained", "scratch")({"pre-trained": steady, "scratch": shaky})
+    assert v.verdict == REPRODUCED and "p = " in v.detail
+    assert spread_below("pre-trained", "scratch")({"pre-trained": shaky, "scratch": steady}).verdict == NOT_REPRODUCED
+    # half the spread with 3 runs each: the right direction, but an F-test with 2 and 2 degrees of freedom cannot tell
+    assert spread_below("a", "b")({"a": [0.70, 0.71, 0.72], "b": [0.68, 0.70, 0.72]}).verdict == INCONCLUSIVE
+    from scipy.stats import f as f_dist
+    a, b = np.array(steady), np.array(shaky)
+    expected = f_dist.cdf(a.var(ddof=1) / b.var(ddof=1), 8, 8)
+    assert f"p = {expected:.3g}" in v.detail
 
 
 def test_judge_and_not_assessed():

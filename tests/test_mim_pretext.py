@@ -1,0 +1,97 @@
+"""Position prediction (MP3, DropPos) and Selfie (pretrain_nb.mim_pretext): hiding, the losses' targets, and the runs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain_nb.core import PretrainNbError, load_profile
+from pretrain_nb.mim import PatchEncoder, gather_tokens
+from pretrain_nb.mim_pretext import (PositionPredictor, Selfie, hide_random_positions, position_confusion, position_prediction_loss, pretext_job,
+                                     selfie_accuracy, selfie_loss)
+from pretrain_nb.models import TransformerConfig, unpatchify
+
+CFG = TransformerConfig(d_model=32, n_layers=2, n_heads=4)
+
+
+def _place_coded_images(n: int, seed: int = 0) -> torch.Tensor:
+    "Images whose 7x7 patch at place i has brightness (i + 1) / 17 plus noise: content that says where it belongs."
+    g = torch.Generator().manual_seed(seed)
+    level = (torch.arange(16) + 1).float() / 17
+    patches = level[None, :, None] + 0.02 * torch.randn(n, 16, 49, generator=g)
+    return unpatchify(patches, 7, 1, 28, 28)
+
+
+@pytest.mark.parametrize("fraction,expected", [(0.25, 2), (0.75, 6), (1.0, 8), (0.01, 1)])
+def test_hiding_withholds_an_exact_share_per_row_at_random_places(fraction, expected):
+    torch.manual_seed(0)
+    hide = hide_random_positions(200, 8, fraction)
+    assert (hide.sum(1) == expected).all()
+    if expected < 8: assert len({tuple(r.tolist()) for r in hide}) >= min(10, math.comb(8, expected))  # per-row draws
+    with pytest.raises(PretrainNbError, match=r"must lie in \(0, 1\]"):
+        hide_random_positions(2, 8, 0.0)
+
+
+def test_without_positions_the_predictor_is_permutation_equivariant():
+    torch.manual_seed(0)
+    model = PositionPredictor(PatchEncoder(CFG, positions="none")).eval()
+    x = torch.rand(2, 1, 28, 28)
+    ident, perm = torch.arange(16).expand(2, 16), torch.stack([torch.randperm(16), torch.randperm(16)])
+    # MP3's premise: with no positions, reordering the patches only reorders the predictions
+    assert torch.allclose(model(x, perm), gather_tokens(model(x, ident), perm), atol=1e-5)
+
+
+def test_position_loss_targets_the_true_places_so_a_model_can_learn_them():
+    torch.manual_seed(0)
+    model = PositionPredictor(PatchEncoder(CFG, positions="none"))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = _place_coded_images(64)
+    for _ in range(150):
+        loss = position_prediction_loss(model, x, mask_ratio=0.5)
+        opt.zero_grad(); loss.backward(); opt.step()
+    assert loss.item() < 0.3 * math.log(16)
+    conf = position_confusion(model, _place_coded_images(50, seed=1))
+    assert conf.sum() == 50 * 16 and (conf.sum(1) == 50).all()
+    assert conf.diagonal().sum() / conf.sum() > 0.9
+
+
+def test_selfie_scores_the_masked_places_against_the_masked_patches_with_the_diagonal_as_target():
+    scores = torch.randn(3, 5, 5)
+    manual = torch.stack([-F.log_softmax(scores[b, i], 0)[i] for b in range(3) for i in range(5)]).mean()
+    assert torch.allclose(selfie_loss(scores), manual, atol=1e-6)
+    assert selfie_accuracy(torch.eye(5).expand(3, 5, 5) * 10) == 1.0
+    torch.manual_seed(0)
+    model = Selfie(PatchEncoder(CFG))
+    assert model(torch.rand(2, 1, 28, 28), 0.75).shape == (2, 12, 12)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    x = _place_coded_images(64)
+    for _ in range(150):
+        loss = selfie_loss(model(x, 0.75))
+        opt.zero_grad(); loss.backward(); opt.step()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        assert selfie_accuracy(model(_place_coded_images(50, seed=1), 0.75)) > 0.5  # chance is 1/12; only learnable if place i is scored against patch i
+
+
+def test_runs_repeat_exactly_fine_tune_on_the_plan_and_refuse_wrong_settings():
+    pytest.importorskip("sklearn")
+    smoke = load_profile("smoke")
+    settings = dict(steps=3, batch_size=16, n_pretrain=64, n_probe_train=100, n_probe_test=40, d_model=32, n_layers=1,
+                    finetune_plan=((0.1, 2), (1.0, 3)))
+    try:
+        a = pretext_job("pretext", seed=0, profile=smoke, method="mp3", mask_ratio=0.5, **settings)["result"]
+    except PretrainNbError as e:
+        pytest.skip(f"Fashion-MNIST is not installed here: {e}")
+    b = pretext_job("pretext", seed=0, profile=smoke, method="mp3", mask_ratio=0.5, **settings)["result"]
+    assert a["final_loss"] == b["final_loss"] and a["confusion"].sum() == 40 * 16 and a["placements"].shape == (6, 16)
+    s = pretext_job("pretext", seed=0, profile=smoke, method="selfie", **settings)["result"]
+    assert 0 <= s["selection_accuracy"] <= 1
+    rows = pretext_job("finetune", seed=0, profile=smoke, encoder_state=a["encoder"], positions="none", finetune_seeds=(0, 7), **settings)["result"]
+    assert [(r["fraction"], r["finetune_seed"], r["steps"]) for r in rows] == [(0.1, 0, 2), (0.1, 7, 2), (1.0, 0, 3), (1.0, 7, 3)]
+    again = pretext_job("finetune", seed=0, profile=smoke, encoder_state=a["encoder"], positions="none", fractions=(1.0,), **settings)["result"]
+    assert [r["accuracy"] for r in again] == [rows[2]["accuracy"]]
+    with pytest.raises(PretrainNbError, match="valid pretext methods are"):
+        pretext_job("pretext", seed=0, profile=smoke, method="jigsaw", **settings)
+    with pytest.raises(PretrainNbError, match="valid pretext job kinds are"):
+        pretext_job("probe", seed=0)
