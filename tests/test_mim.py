@@ -142,3 +142,12 @@ def test_one_run_repeats_exactly_and_wrong_settings_are_one_sentence():
         mim_job("distill", seed=0)
     with pytest.raises(PretrainNbError, match="valid MAERun settings"):
         mim_job("pretrain", seed=0, profile=smoke, maskratio=0.5)
+
+
+def test_mean_pool_probe_is_a_linear_map_of_the_mean_patch_token():
+    from pretrain_nb.mim import MeanPoolProbe
+    probe = MeanPoolProbe(8, 3)
+    tokens = torch.randn(5, 1 + 4, 8)
+    assert torch.allclose(probe(tokens), probe.head(tokens[:, 1:].mean(1)))
+    tokens2 = tokens.clone(); tokens2[:, 0] += 100.0  # the class token is not used
+    assert torch.allclose(probe(tokens2), probe(tokens))

@@ -94,4 +94,4 @@ def test_runs_repeat_exactly_fine_tune_on_the_plan_and_refuse_wrong_settings():
     with pytest.raises(PretrainNbError, match="valid pretext methods are"):
         pretext_job("pretext", seed=0, profile=smoke, method="jigsaw", **settings)
     with pytest.raises(PretrainNbError, match="valid pretext job kinds are"):
-        pretext_job("probe", seed=0)
+        pretext_job("distill", seed=0)
