@@ -13,6 +13,7 @@ Modules:
 - `pretrain_nb.mim_pretext`: Two pretext tasks that never predict a pixel: guess where a patch belongs, or pick the missing patch out of a line-up. Both are pre-trained on Fashion-MNIST, then fine-tuned with 1% to 100% of the labels against the same ViT trained from scratch.
 - `pretrain_nb.models`: One readable transformer that every notebook shares: attention through `scaled_dot_product_attention`, norm placement and positional encoding as parameters, a GPT, an encoder with an MLM head and a ViT, and a FLOP count for comparing methods at matched compute.
 - `pretrain_nb.repetition`: A fixed budget of unique text, trained on for 1 to 32 epochs at the same compute; dropout and weight decay as the repeats pile up; and, when compute is unlimited but data is not, ensembles, their distillation into one model, and the loss asymptotes that decide between them.
-- `pretrain_nb.training`: AdamW, learning-rate schedules as plain functions, gradient accumulation to a global batch, clipping, periodic evaluation, a tidy history, and checkpoints that resume to the *bitwise* same result, on a CPU, one GPU or many, through Accelerate."""
+- `pretrain_nb.training`: AdamW, learning-rate schedules as plain functions, gradient accumulation to a global batch, clipping, periodic evaluation, a tidy history, and checkpoints that resume to the *bitwise* same result, on a CPU, one GPU or many, through Accelerate.
+- `pretrain_nb.ul2`: One decoder, three ways to corrupt its input (short spans, long or dense spans, a cut-off suffix), each announced by a mode token. Is the mixture as good at continuing text as a causal LM and as good at filling gaps as span corruption?"""
 
 __version__ = "0.1.0"

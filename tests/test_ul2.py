@@ -1,0 +1,88 @@
+"""UL2 (pretrain_nb.ul2): span corruption statistics and round trip, the denoisers' sequences, the target-only loss, one run."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain_nb.core import PretrainNbError, load_profile
+from pretrain_nb.models import GPT, TransformerConfig
+from pretrain_nb.ul2 import (DENOISERS, PAD_ID, Vocab, denoise_batch, noise_mask, pretrain_ul2, reconstruct, span_corrupt, span_counts,
+                             span_lengths, target_loss, ul2_loss)
+
+VOCAB = Vocab(base=100, n_sentinels=16)
+
+
+@pytest.mark.parametrize("rate,mean_span", [(0.15, 3.0), (0.5, 8.0), (0.3, 2.0), (0.5, 3.0)])
+def test_noise_mask_hides_the_set_fraction_in_the_set_number_of_spans(rate, mean_span):
+    torch.manual_seed(0)
+    L = 48
+    n_noise, n_spans = span_counts(L, rate, mean_span)
+    assert n_noise == round(rate * L) and abs(n_noise / n_spans - mean_span) <= mean_span / 2  # mean span = hidden / spans, within rounding
+    m = noise_mask(2000, L, rate, mean_span)
+    starts = m & ~F.pad(m, (1, 0))[:, :-1]
+    assert (m.sum(1) == n_noise).all() and (starts.sum(1) == n_spans).all() and not m[:, 0].any()  # T5 layout: a visible segment first
+    first_start = starts.float().argmax(1)
+    assert first_start.float().std() > 0.5  # span positions vary across rows
+
+
+def test_span_lengths_are_positive_and_sum_to_the_total():
+    torch.manual_seed(1)
+    lengths = span_lengths(500, 24, 3)
+    assert (lengths >= 1).all() and (lengths.sum(1) == 24).all() and lengths.float().mean().item() == 8.0
+    assert len({tuple(r.tolist()) for r in lengths}) > 50
+
+
+@pytest.mark.parametrize("denoiser", ["R", "X"])
+def test_span_corruption_round_trips_and_has_the_predicted_lengths(denoiser):
+    torch.manual_seed(2)
+    tokens = torch.randint(4, 100, (64, 48))
+    mask = noise_mask(64, 48, **DENOISERS[denoiser])
+    inputs, targets = span_corrupt(tokens, mask, VOCAB)
+    n_noise, n_spans = span_counts(48, **DENOISERS[denoiser])
+    assert inputs.shape == (64, 48 - n_noise + n_spans) and targets.shape == (64, n_noise + n_spans)
+    assert reconstruct(inputs, targets, VOCAB) == tokens.tolist()  # the targets reconstruct the input exactly
+    assert torch.equal(targets[:, 0], torch.full((64,), VOCAB.sentinel(0)))
+
+
+def test_too_many_spans_for_the_sentinels_is_one_sentence():
+    with pytest.raises(PretrainNbError, match="more than the 2 sentinels"):
+        span_corrupt(torch.randint(4, 100, (2, 48)), noise_mask(2, 48, 0.5, 2.0), Vocab(100, 2))
+    with pytest.raises(PretrainNbError, match=r"must lie in \(0, 1\)"):
+        span_counts(48, 1.0, 3.0)
+
+
+def test_denoiser_sequences_mark_exactly_the_targets():
+    torch.manual_seed(3)
+    blocks = torch.randint(4, 100, (16, 48))
+    seq, is_t = denoise_batch(blocks, "X", VOCAB, 60)
+    n_noise, n_spans = span_counts(48, **DENOISERS["X"])
+    assert (seq[:, 0] == VOCAB.mode("X")).all() and (is_t.sum(1) == n_noise + n_spans).all() and (seq[~is_t][-1] == PAD_ID)
+    seq, is_t = denoise_batch(blocks, "S", VOCAB, 60)
+    cut = 48 + 1 - is_t.sum(1)  # prefix length including the mode token
+    assert ((cut - 1 >= 12) & (cut - 1 <= 36)).all() and torch.equal(seq[:, 1:49], blocks)
+    with pytest.raises(PretrainNbError, match="valid denoisers are"):
+        denoise_batch(blocks, "Q", VOCAB, 60)
+
+
+def test_target_loss_reads_only_the_targets():
+    torch.manual_seed(4)
+    model = GPT(TransformerConfig(vocab_size=VOCAB.size, block_size=60, d_model=16, n_layers=1, n_heads=2))
+    seq, is_t = denoise_batch(torch.randint(4, 100, (4, 48)), "R", VOCAB, 60)
+    logits = model(seq)[:, :-1]
+    manual = torch.stack([F.cross_entropy(logits[b, t - 1], seq[b, t]) for b in range(4) for t in range(1, 60) if is_t[b, t]]).mean()
+    assert torch.allclose(target_loss(model, seq, is_t), manual, atol=1e-5)
+    for objective in ("causal LM", "span corruption", "prefix LM", "MoD"):
+        assert math.isfinite(ul2_loss(objective, VOCAB, 60)(model, torch.randint(4, 100, (6, 48))).item())
+    with pytest.raises(PretrainNbError, match="valid UL2 objectives are"):
+        ul2_loss("BART", VOCAB, 60)
+
+
+def test_one_run_repeats_exactly():
+    smoke = load_profile("smoke")
+    settings = dict(steps=3, batch_size=6, d_model=16, n_layers=1, n_heads=2, max_files=10, n_eval=16)
+    a = pretrain_ul2(seed=0, profile=smoke, objective="MoD", **settings)
+    b = pretrain_ul2(seed=0, profile=smoke, objective="MoD", **settings)
+    assert a["continuation_loss"] == b["continuation_loss"] and a["infill_loss"] == b["infill_loss"]
+    assert 0 <= a["exact_match_X"] <= 1 and math.isfinite(a["infill_loss_R"])
