@@ -1,5 +1,6 @@
 """Shared fixtures. Tests never touch the network: the Hugging Face libraries are put in offline mode and
 their cache is pointed at a temporary folder before anything imports them."""
+
 import os
 import tempfile
 from pathlib import Path

@@ -1,4 +1,5 @@
 """The pretrain-nb command: list, run and report on the template, course, and one-sentence errors."""
+
 import json
 import subprocess
 import sys
@@ -25,17 +26,27 @@ def test_list_shows_notebooks_papers_and_budgets():
     assert "00_core" in done.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    (["run", "no_such_notebook"], "Unknown notebook 'no_such_notebook'; valid notebooks are: "),
-    (["run", "_template", "--profile", "fast"], "Unknown profile 'fast'; valid profiles are: full, smoke, standard."),
-    (["run", "--verbose", "_template"], "Unrecognized arguments: --verbose"),
-    (["run"], "Name the notebooks to run, or pass --all"),
-    (["run", "--all", "_template"], "Give notebook names or --all, not both."),
-    (["run", "00", "--profile", "smoke"], "matches 00_cli, 00_core, 00_results; give one of them in full."),
-    (["frobnicate"], "invalid choice: 'frobnicate'"),
-    (["report", "--profile", "nope"], "Unknown profile 'nope'"),
-    (["run", "_template", "--seed", "x"], "invalid int value: 'x'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "no_such_notebook"], "Unknown notebook 'no_such_notebook'; valid notebooks are: "),
+        (
+            ["run", "_template", "--profile", "fast"],
+            "Unknown profile 'fast'; valid profiles are: full, smoke, standard.",
+        ),
+        (["run", "--verbose", "_template"], "Unrecognized arguments: --verbose"),
+        (["run"], "Name the notebooks to run, or pass --all"),
+        (["run", "--all", "_template"], "Give notebook names or --all, not both."),
+        (
+            ["run", "00", "--profile", "smoke"],
+            "matches 00_cli, 00_core, 00_results; give one of them in full.",
+        ),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["report", "--profile", "nope"], "Unknown profile 'nope'"),
+        (["run", "_template", "--seed", "x"], "invalid int value: 'x'"),
+    (["run", "14_contrastive"], "Notebook '14_contrastive' is now '12_contrastive' (the notebooks are numbered by part)"),
+    ],
+)
 def test_mistakes_are_one_sentence(args, message):
     done = cli(*args)
     assert done.returncode == 2
@@ -43,6 +54,26 @@ def test_mistakes_are_one_sentence(args, message):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
     assert message in lines[0]
+
+
+def test_list_groups_the_notebooks_by_part():
+    out = cli("list").stdout
+    parts = [line for line in out.splitlines() if line[:2] in {f"{d}x" for d in range(10)}]
+    assert parts[0] == "0x foundations" and parts[1] == "1x vision self-supervised"
+    assert "6x science with synthetic tasks (no notebook yet)" in parts
+    assert out.index("1x vision") < out.index("10_mim_mae") < out.index("2x language")
+    assert out.index("5x architecture") < out.index("50_layernorm")
+
+
+def test_a_runs_folder_that_cannot_be_made_is_one_sentence(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    env = {**__import__("os").environ, "PRETRAIN_NB_RUNS_DIR": str(blocker / "runs")}
+    done = cli("run", "_template", "--profile", "smoke", env=env)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: Cannot create the runs folder"), done.stderr
+    assert "PRETRAIN_NB_RUNS_DIR" in lines[0]
 
 
 def test_resolve_by_prefix():
@@ -89,11 +120,23 @@ def test_course_empties_solutions(tmp_path):
 
 
 def test_student_notebook_keeps_other_cells():
-    nb = {"cells": [{"cell_type": "code", "metadata": {"tags": ["solution"]}, "source": "x = 1", "outputs": [1], "execution_count": 3},
-                    {"cell_type": "code", "metadata": {}, "source": "y = 2", "outputs": [1], "execution_count": 4}]}
+    nb = {
+        "cells": [
+            {
+                "cell_type": "code",
+                "metadata": {"tags": ["solution"]},
+                "source": "x = 1",
+                "outputs": [1],
+                "execution_count": 3,
+            },
+            {"cell_type": "code", "metadata": {}, "source": "y = 2", "outputs": [1], "execution_count": 4},
+        ]
+    }
     out = student_notebook(nb)
     assert out["cells"][0]["source"] == SOLUTION_STUB and out["cells"][1]["source"] == "y = 2"
-    assert out["cells"][1]["outputs"] == [] and nb["cells"][0]["source"] == "x = 1"  # the input is not modified
+    assert (
+        out["cells"][1]["outputs"] == [] and nb["cells"][0]["source"] == "x = 1"
+    )  # the input is not modified
 
 
 def test_main_returns_exit_codes(capsys):

@@ -5,8 +5,21 @@ import torch
 import torch.nn.functional as F
 
 from pretrain_nb.core import PretrainNbError, load_profile
-from pretrain_nb.contrastive import (SimCLR, SmallCNN, brightness_contrast, dcl_loss, downstream_tasks, gaussian_blur, gaussian_noise,
-                                     info_nce_loss, pca_2d, random_erasing, random_flip, random_resized_crop, simclr_augment)
+from pretrain_nb.contrastive import (
+    SimCLR,
+    SmallCNN,
+    brightness_contrast,
+    dcl_loss,
+    downstream_tasks,
+    gaussian_blur,
+    gaussian_noise,
+    info_nce_loss,
+    pca_2d,
+    random_erasing,
+    random_flip,
+    random_resized_crop,
+    simclr_augment,
+)
 
 
 def _by_hand(z1, z2, t, decoupled):
@@ -34,13 +47,16 @@ def test_dcl_is_infonce_without_the_positive_in_the_denominator():
     torch.manual_seed(1)
     z1, z2 = F.normalize(torch.randn(6, 8), dim=1), F.normalize(torch.randn(6, 8), dim=1)
     t = 0.3
-    z = torch.cat([z1, z2]); s = z @ z.T / t
+    z = torch.cat([z1, z2])
+    s = z @ z.T / t
     pos = torch.cat([torch.diagonal(s, 6), torch.diagonal(s, -6)])
     partner = (torch.arange(12) + 6) % 12
     negatives = ~torch.eye(12, dtype=torch.bool) & ~F.one_hot(partner, 12).bool()
     neg_lse = torch.logsumexp(s.masked_fill(~negatives, float("-inf")), dim=1)
     # InfoNCE_i = DCL_i + log(1 + exp(pos_i) / sum_neg_i), averaged
-    assert torch.allclose(info_nce_loss(z1, z2, t), dcl_loss(z1, z2, t) + F.softplus(pos - neg_lse).mean(), atol=1e-5)
+    assert torch.allclose(
+        info_nce_loss(z1, z2, t), dcl_loss(z1, z2, t) + F.softplus(pos - neg_lse).mean(), atol=1e-5
+    )
     assert dcl_loss(z1, z2, t) < info_nce_loss(z1, z2, t)
 
 
@@ -50,26 +66,41 @@ def test_losses_ignore_batch_order_and_send_gradients_to_both_views(loss):
     z1, z2 = torch.randn(6, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
     perm = torch.randperm(6)
     assert torch.allclose(loss(z1, z2, 0.5), loss(z1[perm], z2[perm], 0.5), atol=1e-6)
-    assert torch.allclose(loss(z1, z2, 0.5), loss(z2, z1, 0.5), atol=1e-6)  # the two views play symmetric roles
+    assert torch.allclose(
+        loss(z1, z2, 0.5), loss(z2, z1, 0.5), atol=1e-6
+    )  # the two views play symmetric roles
     loss(z1, z2, 0.5).backward()
     assert z1.grad.abs().sum() > 0 and z2.grad.abs().sum() > 0
-    aligned = F.normalize(z1.detach() + 0.05 * torch.randn(6, 8), dim=1)  # pairing each view with another image's view must cost more
+    aligned = F.normalize(
+        z1.detach() + 0.05 * torch.randn(6, 8), dim=1
+    )  # pairing each view with another image's view must cost more
     assert loss(z1.detach(), aligned, 0.5) < loss(z1.detach(), aligned[torch.roll(torch.arange(6), 1)], 0.5)
 
 
 def test_dclw_weights_hard_positives_more():
     torch.manual_seed(3)
     z1 = F.normalize(torch.randn(4, 8), dim=1)
-    z2 = z1.clone(); z2[0] = F.normalize(torch.randn(8), dim=0)  # one hard (dissimilar) positive pair
+    z2 = z1.clone()
+    z2[0] = F.normalize(torch.randn(8), dim=0)  # one hard (dissimilar) positive pair
     assert not torch.allclose(dcl_loss(z1, z2, 0.5, sigma=0.5), dcl_loss(z1, z2, 0.5))
-    with pytest.raises(PretrainNbError, match="temperature must be positive"): info_nce_loss(z1, z2, 0.0)
-    with pytest.raises(PretrainNbError, match="same shape"): dcl_loss(z1, z2[:3], 0.5)
+    with pytest.raises(PretrainNbError, match="temperature must be positive"):
+        info_nce_loss(z1, z2, 0.0)
+    with pytest.raises(PretrainNbError, match="same shape"):
+        dcl_loss(z1, z2[:3], 0.5)
 
 
 def test_augmentations_are_per_image_batched_and_keep_the_range():
     torch.manual_seed(0)
     x = torch.rand(64, 1, 28, 28)
-    for aug in (random_resized_crop, random_flip, brightness_contrast, gaussian_blur, gaussian_noise, random_erasing, simclr_augment):
+    for aug in (
+        random_resized_crop,
+        random_flip,
+        brightness_contrast,
+        gaussian_blur,
+        gaussian_noise,
+        random_erasing,
+        simclr_augment,
+    ):
         y = aug(x)
         assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1, aug.__name__
     changed = (simclr_augment(x) - x).abs().flatten(1).sum(1) > 0
@@ -84,9 +115,12 @@ def test_crop_of_the_whole_image_is_the_identity_and_blur_preserves_constants():
     assert torch.allclose(random_resized_crop(x, scale=(1.0, 1.0), ratio=(1.0, 1.0)), x, atol=1e-5)
     const = torch.full((4, 1, 28, 28), 0.3)
     assert torch.allclose(gaussian_blur(const, p=1.0), const, atol=1e-6)
-    img = torch.zeros(1, 1, 28, 28); img[..., 14, 14] = 1
+    img = torch.zeros(1, 1, 28, 28)
+    img[..., 14, 14] = 1
     blurred = gaussian_blur(img, sigma=(1.0, 1.0), p=1.0)
-    assert blurred[..., 14, 14] < 1 and blurred.sum().item() == pytest.approx(1.0, rel=1e-5)  # a normalized kernel
+    assert blurred[..., 14, 14] < 1 and blurred.sum().item() == pytest.approx(
+        1.0, rel=1e-5
+    )  # a normalized kernel
     erased = random_erasing(torch.ones(16, 1, 28, 28), p=1.0, area=(0.1, 0.1))
     frac = 1 - erased.flatten(1).mean(1)
     assert ((frac > 0.05) & (frac < 0.16)).all()
@@ -95,10 +129,15 @@ def test_crop_of_the_whole_image_is_the_identity_and_blur_preserves_constants():
 def test_model_returns_unit_projections_and_downstream_tasks_are_well_formed():
     model = SimCLR(SmallCNN(channels=3, width=8))
     h, z = model(torch.rand(5, 3, 32, 32))
-    assert h.shape == (5, 32) and z.shape == (5, 64) and torch.allclose(z.norm(dim=1), torch.ones(5), atol=1e-5)
+    assert (
+        h.shape == (5, 32) and z.shape == (5, 64) and torch.allclose(z.norm(dim=1), torch.ones(5), atol=1e-5)
+    )
     x, y = torch.rand(9, 1, 28, 28), torch.arange(9) % 10
     tasks = downstream_tasks(x, y)
-    assert torch.equal(tasks["rotated classes"][0][0, 0], torch.rot90(x[0, 0], 1)) and tasks["brightness level"][1].tolist() == [0, 1, 2] * 3
+    assert (
+        torch.equal(tasks["rotated classes"][0][0, 0], torch.rot90(x[0, 0], 1))
+        and tasks["brightness level"][1].tolist() == [0, 1, 2] * 3
+    )
     assert torch.allclose(tasks["brightness level"][0][0], 0.45 * x[0])
     emb = pca_2d(torch.randn(50, 6) * torch.tensor([5.0, 2, 1, 1, 1, 1]))
     assert emb.shape == (50, 2) and emb[:, 0].var() > emb[:, 1].var()
@@ -106,8 +145,11 @@ def test_model_returns_unit_projections_and_downstream_tasks_are_well_formed():
 
 def test_one_pretraining_run_repeats_exactly():
     from pretrain_nb.contrastive import pretrain_contrastive
+
     pytest.importorskip("sklearn")
-    settings = dict(n_pretrain=64, n_probe_train=60, n_probe_test=40, epochs=1.0, batch_size=16, width=4, loss="DCL")
+    settings = dict(
+        n_pretrain=64, n_probe_train=60, n_probe_test=40, epochs=1.0, batch_size=16, width=4, loss="DCL"
+    )
     try:
         a = pretrain_contrastive(seed=0, profile=load_profile("smoke"), **settings)
     except PretrainNbError as e:

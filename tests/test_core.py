@@ -1,4 +1,5 @@
 """Profiles, seeding, paths and figures (pretrain_nb.core)."""
+
 import json
 
 import matplotlib
@@ -10,8 +11,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from conftest import ROOT
-from pretrain_nb.core import (_PROFILE_KEYS, PretrainNbError, environment_info, git_commit, load_profile, make_accelerator, map_runs,
-                              profile_names, repo_root, settings_from, run_paths, save_figure, seed_everything)
+from pretrain_nb.core import (
+    _PROFILE_KEYS,
+    PretrainNbError,
+    environment_info,
+    git_commit,
+    load_profile,
+    make_accelerator,
+    map_runs,
+    profile_names,
+    repo_root,
+    settings_from,
+    run_paths,
+    save_figure,
+    seed_everything,
+)
 
 
 def test_three_profiles_with_budgets():
@@ -36,7 +50,9 @@ def test_every_settings_key_has_a_comment():
 
 
 def test_unknown_profile_lists_the_valid_ones():
-    with pytest.raises(PretrainNbError, match=r"Unknown profile 'fast'; valid profiles are: full, smoke, standard\."):
+    with pytest.raises(
+        PretrainNbError, match=r"Unknown profile 'fast'; valid profiles are: full, smoke, standard\."
+    ):
         load_profile("fast")
 
 
@@ -57,7 +73,9 @@ def _write_settings(tmp_path, extra: str):
 
 def test_unknown_key_in_settings_file(tmp_path):
     path = _write_settings(tmp_path, "\n[weird]\nbudget_seconds = 5\n")
-    with pytest.raises(PretrainNbError, match=r"\[weird\] has unknown key\(s\) budget_seconds; valid keys are"):
+    with pytest.raises(
+        PretrainNbError, match=r"\[weird\] has unknown key\(s\) budget_seconds; valid keys are"
+    ):
         load_profile("weird", path)
 
 
@@ -104,8 +122,11 @@ def test_same_seed_same_numbers_on_cpu():
         for _ in range(20):
             x = torch.randn(32, 8, generator=gen)
             loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
-            opt.zero_grad(); loss.backward(); opt.step()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
         return torch.cat([p.detach().flatten() for p in model.parameters()])
+
     a, b, c = train_a_bit(3), train_a_bit(3), train_a_bit(4)
     assert torch.equal(a, b), "same seed must give bitwise identical parameters on the CPU"
     assert not torch.equal(a, c), "a different seed must give different parameters"
@@ -114,6 +135,7 @@ def test_same_seed_same_numbers_on_cpu():
 def _train_job(seed, profile):
     "A job for map_runs: a few seeded SGD steps in whatever process runs it; returns the weights, pid and threads."
     import os
+
     gen = seed_everything(seed)
     w = torch.zeros(4)
     for _ in range(10):
@@ -122,18 +144,24 @@ def _train_job(seed, profile):
     return w, os.getpid(), torch.get_num_threads()
 
 
-def _defined_in_a_notebook(seed, profile): return _train_job(seed, profile)
+def _defined_in_a_notebook(seed, profile):
+    return _train_job(seed, profile)
+
+
 _defined_in_a_notebook.__module__ = "__main__"  # as a function defined in a notebook's cell is
 
 
 def test_map_runs_in_processes_matches_one_after_another():
     import dataclasses, os
+
     standard = load_profile("standard")
     assert standard.parallel_runs == 2
     jobs = [dict(seed=s) for s in (0, 1, 2)]
     together = map_runs(_train_job, jobs, standard)
     alone = map_runs(_train_job, jobs, dataclasses.replace(standard, parallel_runs=1))
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(together, alone)), "results must not depend on where a job ran"
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(together, alone)), (
+        "results must not depend on where a job ran"
+    )
     assert not torch.equal(together[0][0], together[1][0])
     assert {pid for _, pid, _ in together} - {os.getpid()} and all(pid == os.getpid() for _, pid, _ in alone)
     assert {threads for _, _, threads in together} == {1}, "two runs at once on 2 threads get one thread each"
@@ -152,7 +180,9 @@ def test_settings_from_builds_the_dataclass_or_names_the_valid_keys():
         lr: float = 1e-3
 
     assert settings_from(Sweep, {"lr": 0.1}) == Sweep(10, 0.1)
-    with pytest.raises(PretrainNbError, match="Unknown Sweep setting 'step'; valid Sweep settings are: lr, steps"):
+    with pytest.raises(
+        PretrainNbError, match="Unknown Sweep setting 'step'; valid Sweep settings are: lr, steps"
+    ):
         settings_from(Sweep, {"step": 5})
 
 
@@ -167,7 +197,8 @@ def test_accelerator_on_cpu():
 
 
 def test_save_figure_writes_png_and_data(tmp_path):
-    fig, ax = plt.subplots(); ax.plot([1, 2, 3])
+    fig, ax = plt.subplots()
+    ax.plot([1, 2, 3])
     written = save_figure(fig, "curve", tmp_path, data=pd.DataFrame({"x": [1, 2], "y": [3, 4]}))
     assert [p.name for p in written] == ["curve.png", "curve.csv"]
     assert written[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,5 @@
 """Offline corpora, splits, caches, tokenizers, packing and the hub loaders (pretrain_nb.data)."""
+
 import gzip
 import struct
 import time
@@ -9,9 +10,24 @@ import pytest
 import torch
 
 from pretrain_nb.core import PretrainNbError
-from pretrain_nb.data import (FASHION_MNIST_DIR, CharTokenizer, hub_images, hub_text, image_rows_to_dataset, image_tensors,
-                              load_digits_images, load_fashion_mnist, load_shakespeare, load_stdlib_code, pack_blocks, read_idx,
-                              split_by_key, text_rows_to_dataset, token_blocks, train_bpe)
+from pretrain_nb.data import (
+    FASHION_MNIST_DIR,
+    CharTokenizer,
+    hub_images,
+    hub_text,
+    image_rows_to_dataset,
+    image_tensors,
+    load_digits_images,
+    load_fashion_mnist,
+    load_shakespeare,
+    load_stdlib_code,
+    pack_blocks,
+    read_idx,
+    split_by_key,
+    text_rows_to_dataset,
+    token_blocks,
+    train_bpe,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -38,12 +54,17 @@ def test_stdlib_offline():
     assert ds.info_python.split()[0] == __import__("platform").python_version()
 
 
-@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="Debian's dataset-fashion-mnist is not installed (scripts/setup.sh installs it as root)")
+@pytest.mark.skipif(
+    not FASHION_MNIST_DIR.is_dir(),
+    reason="Debian's dataset-fashion-mnist is not installed (scripts/setup.sh installs it as root)",
+)
 def test_fashion_mnist_offline():
     ds = load_fashion_mnist()
     assert [len(ds[s]) for s in ("train", "validation", "test")] == [54000, 6000, 10000]
     x, y = image_tensors(ds["validation"])
-    assert x.shape == (6000, 1, 28, 28) and 0 <= x.min() and x.max() <= 1 and set(y.tolist()) == set(range(10))
+    assert (
+        x.shape == (6000, 1, 28, 28) and 0 <= x.min() and x.max() <= 1 and set(y.tolist()) == set(range(10))
+    )
 
 
 def test_digits_offline():
@@ -76,17 +97,26 @@ def test_hub_loaders_fail_at_once_offline(monkeypatch):
 def test_hub_conversion_on_local_fixture(tmp_path):
     import datasets
     from PIL import Image
+
     # the TinyStories schema: a `text` column, some rows empty
-    (tmp_path / "stories.jsonl").write_text('{"text": "Once upon a time."}\n{"text": ""}\n{"text": "The end."}\n')
+    (tmp_path / "stories.jsonl").write_text(
+        '{"text": "Once upon a time."}\n{"text": ""}\n{"text": "The end."}\n'
+    )
     rows = list(datasets.load_dataset("json", data_files=str(tmp_path / "stories.jsonl"), split="train"))
     assert text_rows_to_dataset(rows)["text"] == ["Once upon a time.", "The end."]
     # the CIFAR-10 schema: PIL images under `img`, an int `label`
-    rows = [{"img": Image.fromarray(np.full((32, 32, 3), i * 40, dtype=np.uint8)), "label": i} for i in range(3)]
+    rows = [
+        {"img": Image.fromarray(np.full((32, 32, 3), i * 40, dtype=np.uint8)), "label": i} for i in range(3)
+    ]
     ds = image_rows_to_dataset(rows, "img")
     arr = np.asarray(ds.with_format("numpy")["image"])
     assert arr.shape == (3, 32, 32, 3) and arr[2, 0, 0, 0] == 80 and ds["label"] == [0, 1, 2]
     x, y = image_tensors(ds)  # colour images come out channels-first, like the grey ones
-    assert x.shape == (3, 3, 32, 32) and torch.allclose(x[2, :, 0, 0], torch.full((3,), 80 / 255)) and y.tolist() == [0, 1, 2]
+    assert (
+        x.shape == (3, 3, 32, 32)
+        and torch.allclose(x[2, :, 0, 0], torch.full((3,), 80 / 255))
+        and y.tolist() == [0, 1, 2]
+    )
 
 
 def _fake_shakespeare(folder: Path, text: str):
@@ -108,6 +138,7 @@ def test_cache_follows_content(tmp_path):
 
 def test_splits_are_stable_when_rows_are_added():
     import datasets
+
     a = split_by_key(datasets.Dataset.from_dict({"k": [f"r{i}" for i in range(300)]}), "k", 0.1, 0.1)
     b = split_by_key(datasets.Dataset.from_dict({"k": [f"r{i}" for i in range(330)][::-1]}), "k", 0.1, 0.1)
     for s in ("train", "validation", "test"):
@@ -141,7 +172,11 @@ def test_char_tokenizer():
     tok = CharTokenizer.from_texts(["hello world", "abc"])
     ids = tok.encode("hello abc")
     assert tok.decode(ids) == "hello abc" and ids.dtype == np.int64
-    assert tok.encode("h€z").tolist() == [tok.encode("h")[0], tok.mask_id, tok.mask_id]  # unknown characters -> <mask>
+    assert tok.encode("h€z").tolist() == [
+        tok.encode("h")[0],
+        tok.mask_id,
+        tok.mask_id,
+    ]  # unknown characters -> <mask>
     assert tok.vocab_size == 4 + len(set("hello worldabc"))
 
 
@@ -155,8 +190,11 @@ def test_pack_blocks():
 
 def test_token_blocks_on_a_corpus():
     import datasets
-    dd = datasets.DatasetDict(train=datasets.Dataset.from_dict({"text": ["abcabc", "cab"]}),
-                              validation=datasets.Dataset.from_dict({"text": ["abc"]}))
+
+    dd = datasets.DatasetDict(
+        train=datasets.Dataset.from_dict({"text": ["abcabc", "cab"]}),
+        validation=datasets.Dataset.from_dict({"text": ["abc"]}),
+    )
     tok = CharTokenizer.from_texts(["abc"])
     out = token_blocks(dd, tok, 5, splits=("train", "validation"))
     assert out["train"].shape == (2, 5) and out["validation"].shape == (0, 5)

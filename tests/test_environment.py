@@ -1,4 +1,5 @@
 """environment.yml and pyproject.toml name the same packages, with the same version bounds."""
+
 import re
 import tomllib
 
@@ -26,5 +27,7 @@ def test_environment_matches_pyproject():
     assert py.replace("python", "").lstrip("=>") >= project["requires-python"].lstrip(">=")
     listed = {_name(r): r.replace(" ", "") for r in pip if not r.startswith("-e")}
     wanted = {_name(r): r.replace(" ", "") for r in reqs}
-    assert listed == wanted, f"environment.yml and pyproject.toml differ: only in environment.yml {set(listed.items()) - set(wanted.items())}, only in pyproject {set(wanted.items()) - set(listed.items())}"
+    assert listed == wanted, (
+        f"environment.yml and pyproject.toml differ: only in environment.yml {set(listed.items()) - set(wanted.items())}, only in pyproject {set(wanted.items()) - set(listed.items())}"
+    )
     assert any(r.startswith("-e") and "." in r for r in pip), "environment.yml must install this project"

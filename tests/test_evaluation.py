@@ -1,12 +1,23 @@
 """Probes, fine-tuning, perplexity, power-law fits (pretrain_nb.evaluation) on problems whose answer is known."""
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from pretrain_nb.core import PretrainNbError
-from pretrain_nb.evaluation import (AttentiveProbe, attentive_probe, extract_features, finetune, fit_power_law, knn_probe, label_subset,
-                                    linear_probe, mean_std, perplexity)
+from pretrain_nb.evaluation import (
+    AttentiveProbe,
+    attentive_probe,
+    extract_features,
+    finetune,
+    fit_power_law,
+    knn_probe,
+    label_subset,
+    linear_probe,
+    mean_std,
+    perplexity,
+)
 
 
 def _blobs(n=600, d=16, noise=1.0, seed=0):
@@ -56,7 +67,9 @@ def test_label_subset_is_stratified():
     y = torch.arange(1000) % 10
     idx = label_subset(y, 0.1, seed=0)
     assert len(idx) == 100 and torch.bincount(y[idx]).tolist() == [10] * 10
-    assert torch.equal(idx, label_subset(y, 0.1, seed=0)) and not torch.equal(idx, label_subset(y, 0.1, seed=1))
+    assert torch.equal(idx, label_subset(y, 0.1, seed=0)) and not torch.equal(
+        idx, label_subset(y, 0.1, seed=1)
+    )
     assert torch.bincount(y[label_subset(y, 0.001)]).tolist() == [1] * 10  # at least one per class
     with pytest.raises(PretrainNbError, match=r"in \(0, 1\]"):
         label_subset(y, 0)
@@ -70,8 +83,13 @@ def test_finetune_learns():
 
 
 class _Uniform(nn.Module):
-    def __init__(self, vocab): super().__init__(); self.vocab = vocab; self.w = nn.Parameter(torch.zeros(1))
-    def forward(self, idx): return torch.zeros(*idx.shape, self.vocab) + self.w
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, idx):
+        return torch.zeros(*idx.shape, self.vocab) + self.w
 
 
 def test_perplexity_of_a_uniform_model_is_the_vocabulary():
@@ -79,7 +97,8 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary():
 
 
 def test_extract_features_batches_and_restores_mode():
-    lin = nn.Linear(4, 2); lin.train()
+    lin = nn.Linear(4, 2)
+    lin.train()
     x = torch.randn(10, 4)
     assert torch.allclose(extract_features(lin, x, batch_size=3), lin(x).detach())
     assert lin.training
@@ -90,7 +109,8 @@ def test_mean_std():
 
 
 def test_extract_features_puts_the_module_behind_a_method_in_eval_mode():
-    net = nn.Sequential(nn.Dropout(0.9), nn.Linear(4, 2)); net.train()
+    net = nn.Sequential(nn.Dropout(0.9), nn.Linear(4, 2))
+    net.train()
     x = torch.ones(50, 4)
     a, b = extract_features(net.forward, x), extract_features(net.forward, x)
     assert torch.equal(a, b), "dropout was active: the module behind the method was not put in eval mode"
@@ -99,17 +119,23 @@ def test_extract_features_puts_the_module_behind_a_method_in_eval_mode():
 
 def test_fit_power_law_recovers_known_parameters():
     x = np.array([1e4, 3e4, 1e5, 3e5, 1e6])
-    f = fit_power_law(x, 2.0 + 50.0 * x ** -0.5)
+    f = fit_power_law(x, 2.0 + 50.0 * x**-0.5)
     assert f.asymptote == pytest.approx(2.0, abs=2e-3) and f.exponent == pytest.approx(0.5, rel=0.01)
     assert f.scale == pytest.approx(50.0, rel=0.05) and f.r2 > 0.9999
     k = np.arange(1, 7.0)
-    f = fit_power_law(k, 3.1 + 0.4 * k ** -1.2 + np.random.default_rng(0).normal(0, 0.002, k.size))
+    f = fit_power_law(k, 3.1 + 0.4 * k**-1.2 + np.random.default_rng(0).normal(0, 0.002, k.size))
     assert f.asymptote == pytest.approx(3.1, abs=0.02) and f.exponent == pytest.approx(1.2, rel=0.2)
-    assert np.allclose(f(k), 3.1 + 0.4 * k ** -1.2, atol=0.01)
-    straight = fit_power_law([1, 2, 3, 4], 3.0 - 0.01 * np.log([1, 2, 3, 4]))  # no curvature: the grid's end decides the asymptote
+    assert np.allclose(f(k), 3.1 + 0.4 * k**-1.2, atol=0.01)
+    straight = fit_power_law(
+        [1, 2, 3, 4], 3.0 - 0.01 * np.log([1, 2, 3, 4])
+    )  # no curvature: the grid's end decides the asymptote
     assert not straight.identified and straight.exponent == pytest.approx(0.05)
-    assert fit_power_law(k, 3.1 + 0.4 * k ** -1.2).identified
-    flat = fit_power_law([1, 2, 3, 4], [2.0, 2.1, 2.05, 2.2])  # rising data: the best non-increasing law is a constant
+    assert fit_power_law(k, 3.1 + 0.4 * k**-1.2).identified
+    flat = fit_power_law(
+        [1, 2, 3, 4], [2.0, 2.1, 2.05, 2.2]
+    )  # rising data: the best non-increasing law is a constant
     assert flat.scale == 0.0 and flat.asymptote == pytest.approx(2.0875) and flat.identified
-    with pytest.raises(PretrainNbError, match="at least 3 points"): fit_power_law([1, 2], [3, 2])
-    with pytest.raises(PretrainNbError, match="positive x"): fit_power_law([0, 1, 2], [3, 2, 1])
+    with pytest.raises(PretrainNbError, match="at least 3 points"):
+        fit_power_law([1, 2], [3, 2])
+    with pytest.raises(PretrainNbError, match="positive x"):
+        fit_power_law([0, 1, 2], [3, 2, 1])

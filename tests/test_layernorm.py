@@ -1,4 +1,5 @@
 """LayerNorm placements' diagnostics and LayerNorm removal (pretrain_nb.layernorm)."""
+
 import math
 
 import pytest
@@ -6,15 +7,29 @@ import torch
 from torch import nn
 
 from pretrain_nb.core import PretrainNbError, load_profile
-from pretrain_nb.layernorm import (FixedScaleNorm, angular_distance, fixed_subset, layer_grad_norms, layernorm_input_scales, layernorm_names,
-                                   remove_layernorms, removal_stages, skip_layer_loss_change, skipping_block, stream_profile,
-                                   token_variance, train_placement)
+from pretrain_nb.layernorm import (
+    FixedScaleNorm,
+    angular_distance,
+    fixed_subset,
+    layer_grad_norms,
+    layernorm_input_scales,
+    layernorm_names,
+    remove_layernorms,
+    removal_stages,
+    skip_layer_loss_change,
+    skipping_block,
+    stream_profile,
+    token_variance,
+    train_placement,
+)
 from pretrain_nb.models import GPT, TransformerConfig, lm_loss
 
 
 def tiny_gpt(norm="pre", seed=0, **kw):
     torch.manual_seed(seed)
-    return GPT(TransformerConfig(vocab_size=13, block_size=8, d_model=16, n_layers=3, n_heads=2, norm=norm, **kw)).eval()
+    return GPT(
+        TransformerConfig(vocab_size=13, block_size=8, d_model=16, n_layers=3, n_heads=2, norm=norm, **kw)
+    ).eval()
 
 
 IDX = torch.randint(13, (4, 8), generator=torch.Generator().manual_seed(0))
@@ -26,7 +41,9 @@ def test_layer_grad_norms_match_backward_and_leave_grad_alone(norm):
     norms = layer_grad_norms(model, lm_loss(model, IDX))
     assert all(p.grad is None for p in model.parameters()), "the diagnostic must not write into .grad"
     lm_loss(model, IDX).backward()
-    by_hand = torch.stack([torch.sqrt(sum(p.grad.pow(2).sum() for p in b.parameters())) for b in model.trunk.blocks])
+    by_hand = torch.stack(
+        [torch.sqrt(sum(p.grad.pow(2).sum() for p in b.parameters())) for b in model.trunk.blocks]
+    )
     assert norms.shape == (3,) and torch.allclose(norms, by_hand, rtol=1e-5)
     assert len(set(norms.tolist())) == 3  # one distinct number per block, not a global norm repeated
 
@@ -63,86 +80,146 @@ def test_skipping_a_block_is_the_identity_and_is_undone():
         assert torch.allclose(skipped, by_hand, atol=1e-6)
         assert torch.equal(model(IDX), full), "the hook must be removed after the with-block"
     with pytest.raises(PretrainNbError, match=r"layer must be in 0\.\.2"):
-        with skipping_block(model, 3): pass
+        with skipping_block(model, 3):
+            pass
 
 
 def test_skip_layer_loss_change_is_zero_for_a_block_that_adds_nothing():
     model = tiny_gpt("pre")
     with torch.no_grad():  # a Pre-LN block whose output projections are zero is exactly the identity
-        model.trunk.blocks[1].attn.proj.weight.zero_(); model.trunk.blocks[1].mlp.proj.weight.zero_()
+        model.trunk.blocks[1].attn.proj.weight.zero_()
+        model.trunk.blocks[1].mlp.proj.weight.zero_()
     change = skip_layer_loss_change(model, lm_loss, IDX)
     assert change.shape == (3,) and change[1] == pytest.approx(0.0, abs=1e-6) and abs(change[0]) > 1e-4
 
 
 def test_fixed_scale_norm_is_layernorm_when_every_token_has_that_scale():
     ln = nn.LayerNorm(6)
-    with torch.no_grad(): ln.weight.uniform_(0.5, 2); ln.bias.uniform_(-1, 1)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 2)
+        ln.bias.uniform_(-1, 1)
     x = torch.randn(5, 6)
-    x = (x - x.mean(-1, keepdim=True)) / x.std(-1, unbiased=False, keepdim=True) * 2.5 + 7  # every row: std 2.5
-    fixed = FixedScaleNorm(ln, math.sqrt(2.5 ** 2 + ln.eps))
+    x = (x - x.mean(-1, keepdim=True)) / x.std(
+        -1, unbiased=False, keepdim=True
+    ) * 2.5 + 7  # every row: std 2.5
+    fixed = FixedScaleNorm(ln, math.sqrt(2.5**2 + ln.eps))
     assert torch.allclose(fixed(x), ln(x), atol=1e-5)
     assert fixed.weight is ln.weight and fixed.bias is ln.bias
     assert not torch.allclose(fixed(2 * x), ln(2 * x), atol=1e-2), "a fixed scale must not adapt to the input"
-    with pytest.raises(PretrainNbError, match="must be positive"): FixedScaleNorm(ln, 0.0)
+    with pytest.raises(PretrainNbError, match="must be positive"):
+        FixedScaleNorm(ln, 0.0)
 
 
 def test_layernorm_input_scales_measure_the_input_std():
     model = tiny_gpt("pre")
     scales = layernorm_input_scales(model, ["trunk.blocks.0.ln1"], IDX)
     x = model.tok_emb(IDX) + model.trunk.pos_emb[:, :8]
-    assert scales["trunk.blocks.0.ln1"] == pytest.approx(torch.sqrt(x.var(-1, unbiased=False) + 1e-5).mean().item(), rel=1e-5)
+    assert scales["trunk.blocks.0.ln1"] == pytest.approx(
+        torch.sqrt(x.var(-1, unbiased=False) + 1e-5).mean().item(), rel=1e-5
+    )
 
 
 def test_removal_stages_group_by_block_and_end_with_the_final_norm():
-    assert removal_stages(tiny_gpt("pre")) == [[f"trunk.blocks.{i}.ln1", f"trunk.blocks.{i}.ln2"] for i in range(3)] + [["trunk.ln_f"]]
-    assert removal_stages(tiny_gpt("peri"))[0] == ["trunk.blocks.0.ln1", "trunk.blocks.0.ln2", "trunk.blocks.0.ln1_out", "trunk.blocks.0.ln2_out"]
-    assert removal_stages(tiny_gpt("post"))[-1] == ["trunk.blocks.2.ln1", "trunk.blocks.2.ln2"]  # no final norm
+    assert removal_stages(tiny_gpt("pre")) == [
+        [f"trunk.blocks.{i}.ln1", f"trunk.blocks.{i}.ln2"] for i in range(3)
+    ] + [["trunk.ln_f"]]
+    assert removal_stages(tiny_gpt("peri"))[0] == [
+        "trunk.blocks.0.ln1",
+        "trunk.blocks.0.ln2",
+        "trunk.blocks.0.ln1_out",
+        "trunk.blocks.0.ln2_out",
+    ]
+    assert removal_stages(tiny_gpt("post"))[-1] == [
+        "trunk.blocks.2.ln1",
+        "trunk.blocks.2.ln2",
+    ]  # no final norm
 
 
 def test_remove_layernorms_removes_all_and_finetunes_after_each_stage():
     model = tiny_gpt("pre")
     calls = []
-    table = remove_layernorms(model, IDX, finetune=lambda m, k: calls.append((k, len(layernorm_names(m)))),
-                              evaluate=lambda m: lm_loss(m, IDX).item())
+    table = remove_layernorms(
+        model,
+        IDX,
+        finetune=lambda m, k: calls.append((k, len(layernorm_names(m)))),
+        evaluate=lambda m: lm_loss(m, IDX).item(),
+    )
     assert layernorm_names(model) == [] and sum(isinstance(m, FixedScaleNorm) for m in model.modules()) == 7
     assert calls == [(1, 5), (2, 3), (3, 1), (4, 0)], "fine-tune once per stage, after that stage's swap"
     assert table.layernorms_left.tolist() == [7, 5, 3, 1, 0]
-    assert abs(table.loss.iloc[-1] - table.loss.iloc[0]) < 0.5  # calibrated scales keep the untrained model close
+    assert (
+        abs(table.loss.iloc[-1] - table.loss.iloc[0]) < 0.5
+    )  # calibrated scales keep the untrained model close
 
 
 def test_train_placement_records_diagnostics_and_repeats_exactly():
-    settings = dict(norm="mix", n_layers=2, d_model=16, n_heads=2, block_size=16, steps=4, batch_size=4, warmup_steps=1, eval_every=2,
-                    n_val_blocks=8, n_probe_blocks=4, mix_post_fraction=0.5)
+    settings = dict(
+        norm="mix",
+        n_layers=2,
+        d_model=16,
+        n_heads=2,
+        block_size=16,
+        steps=4,
+        batch_size=4,
+        warmup_steps=1,
+        eval_every=2,
+        n_val_blocks=8,
+        n_probe_blocks=4,
+        mix_post_fraction=0.5,
+    )
     prof = load_profile("smoke")
-    a, b = train_placement(seed=0, profile=prof, **settings), train_placement(seed=0, profile=prof, **settings)
+    a, b = (
+        train_placement(seed=0, profile=prof, **settings),
+        train_placement(seed=0, profile=prof, **settings),
+    )
     h = a["history"]
     assert h.step.tolist() == [2, 4]
-    assert {"val_loss", "grad_norm_0", "grad_norm_1", "variance_1", "angle_0"} <= set(h.columns) and a["skip"].shape == (2,)
+    assert {"val_loss", "grad_norm_0", "grad_norm_1", "variance_1", "angle_0"} <= set(h.columns) and a[
+        "skip"
+    ].shape == (2,)
     assert h.equals(b["history"]), "same seed, same numbers"
     assert not h.val_loss.equals(train_placement(seed=1, profile=prof, **settings)["history"].val_loss)
-    with pytest.raises(PretrainNbError, match="valid.*n_layers"): train_placement(seed=0, profile=prof, depth=3)
+    with pytest.raises(PretrainNbError, match="valid.*n_layers"):
+        train_placement(seed=0, profile=prof, depth=3)
 
 
 def test_fixed_subset_ignores_the_global_random_state():
     x = torch.arange(100)
-    torch.manual_seed(0); a = fixed_subset(x, 10, seed=7)
-    torch.manual_seed(1); b = fixed_subset(x, 10, seed=7)
-    assert torch.equal(a, b) and len(set(a.tolist())) == 10 and not torch.equal(a, fixed_subset(x, 10, seed=8))
+    torch.manual_seed(0)
+    a = fixed_subset(x, 10, seed=7)
+    torch.manual_seed(1)
+    b = fixed_subset(x, 10, seed=7)
+    assert (
+        torch.equal(a, b) and len(set(a.tolist())) == 10 and not torch.equal(a, fixed_subset(x, 10, seed=8))
+    )
 
 
 def test_the_sweep_functions_run_in_spawned_processes():
     "The notebooks' standard profile runs train_placement two at a time in fresh processes: same numbers as in-process."
     import dataclasses
     from pretrain_nb.core import map_runs
+
     standard = load_profile("standard")
-    settings = dict(n_layers=2, d_model=16, n_heads=2, block_size=16, steps=3, batch_size=4, warmup_steps=1, eval_every=3,
-                    n_val_blocks=8, n_probe_blocks=4)
+    settings = dict(
+        n_layers=2,
+        d_model=16,
+        n_heads=2,
+        block_size=16,
+        steps=3,
+        batch_size=4,
+        warmup_steps=1,
+        eval_every=3,
+        n_val_blocks=8,
+        n_probe_blocks=4,
+    )
     jobs = [dict(seed=0, norm="peri", **settings), dict(seed=1, norm="post", **settings)]
     threads = torch.get_num_threads()
     try:
         together = map_runs(train_placement, jobs, standard)
         alone = map_runs(train_placement, jobs, dataclasses.replace(standard, parallel_runs=1, cpu_threads=1))
     finally:
-        torch.set_num_threads(threads)  # the in-process runs set one thread; give the rest of the session its threads back
+        torch.set_num_threads(
+            threads
+        )  # the in-process runs set one thread; give the rest of the session its threads back
     for a, b in zip(together, alone):
         assert a["history"].equals(b["history"]) and (a["skip"] == b["skip"]).all()

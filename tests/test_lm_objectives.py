@@ -6,9 +6,23 @@ import pytest
 import torch
 
 from pretrain_nb.core import PretrainNbError, load_profile
-from pretrain_nb.lm_objectives import (MASK_ID, N_SPECIAL, OBJECTIVES, PAD_ID, STATEMENT_KINDS, Electra, generator_config, mlm_corrupt,
-                                       objective_loss, objective_model, pretrain_objective, replaced_labels, select_positions,
-                                       substitute_random, train_flops_per_token)
+from pretrain_nb.lm_objectives import (
+    MASK_ID,
+    N_SPECIAL,
+    OBJECTIVES,
+    PAD_ID,
+    STATEMENT_KINDS,
+    Electra,
+    generator_config,
+    mlm_corrupt,
+    objective_loss,
+    objective_model,
+    pretrain_objective,
+    replaced_labels,
+    select_positions,
+    substitute_random,
+    train_flops_per_token,
+)
 from pretrain_nb.models import TransformerConfig
 
 V = 100
@@ -43,13 +57,19 @@ def test_mlm_80_10_10_split_within_binomial_tolerance():
     inputs, labels = mlm_corrupt(x, V)
     sel = labels != -100
     n = int(sel.sum())
-    assert torch.equal(labels[sel], x[sel]) and torch.equal(inputs[~sel], x[~sel])   # only selected positions change, and are the targets
+    assert torch.equal(labels[sel], x[sel]) and torch.equal(
+        inputs[~sel], x[~sel]
+    )  # only selected positions change, and are the targets
     masked = (inputs[sel] == MASK_ID).float().mean().item()
     same = (inputs[sel] == x[sel]).float().mean().item()
     other = ((inputs[sel] != MASK_ID) & (inputs[sel] != x[sel])).float().mean().item()
     p_collide = 1 / (V - N_SPECIAL)  # a random replacement can equal the original
-    assert _within(masked, 0.8, n) and _within(same, 0.1 + 0.1 * p_collide, n) and _within(other, 0.1 * (1 - p_collide), n)
-    assert (inputs[sel & (inputs != MASK_ID)] >= N_SPECIAL).all()                    # random tokens are never special
+    assert (
+        _within(masked, 0.8, n)
+        and _within(same, 0.1 + 0.1 * p_collide, n)
+        and _within(other, 0.1 * (1 - p_collide), n)
+    )
+    assert (inputs[sel & (inputs != MASK_ID)] >= N_SPECIAL).all()  # random tokens are never special
     assert not sel[x < N_SPECIAL].any()
 
 
@@ -77,8 +97,18 @@ def test_electra_shares_embeddings_and_the_discriminator_loss_does_not_train_the
         model.zero_grad()
         torch.manual_seed(5)
         objective_loss("electra", V, disc_weight=weight)(model, x).backward()
-        grads.append(torch.cat([p.grad.flatten() for n, p in model.generator.named_parameters() if not n.startswith("embedding")]))
-    assert torch.allclose(grads[0], grads[1])  # sampling is under no_grad: only the generator's own MLM loss reaches it
+        grads.append(
+            torch.cat(
+                [
+                    p.grad.flatten()
+                    for n, p in model.generator.named_parameters()
+                    if not n.startswith("embedding")
+                ]
+            )
+        )
+    assert torch.allclose(
+        grads[0], grads[1]
+    )  # sampling is under no_grad: only the generator's own MLM loss reaches it
     assert any(p.grad.abs().sum() > 0 for p in model.discriminator.head.parameters())
 
 
@@ -87,7 +117,10 @@ def test_flops_rank_the_objectives_and_count_the_generator():
     f = {o: train_flops_per_token(o, cfg, 64) for o in OBJECTIVES}
     assert f["rts"] < f["clm"] < f["mlm"] == f["slm"] < f["electra"]
     g = generator_config(cfg)
-    gen = 6 * (g.n_layers * 12 * g.d_model ** 2 + 2 * 64 * g.d_model + 64 * 512) + 12 * g.n_layers * 64 * g.d_model
+    gen = (
+        6 * (g.n_layers * 12 * g.d_model**2 + 2 * 64 * g.d_model + 64 * 512)
+        + 12 * g.n_layers * 64 * g.d_model
+    )
     assert math.isclose(f["electra"] - f["rts"], gen)
     with pytest.raises(PretrainNbError, match="valid objectives are"):
         objective_model("t5", cfg)
@@ -95,16 +128,36 @@ def test_flops_rank_the_objectives_and_count_the_generator():
 
 def test_every_objective_trains_and_a_run_repeats_exactly():
     smoke = load_profile("smoke")
-    settings = dict(budget_flops=3e8, d_model=16, n_layers=1, n_heads=2, batch_size=8, block_size=32, max_files=10, per_class=15, n_evals=1)
+    settings = dict(
+        budget_flops=3e8,
+        d_model=16,
+        n_layers=1,
+        n_heads=2,
+        batch_size=8,
+        block_size=32,
+        max_files=10,
+        per_class=15,
+        n_evals=1,
+    )
     a = pretrain_objective(seed=0, profile=smoke, objective="electra", **settings)
     b = pretrain_objective(seed=0, profile=smoke, objective="electra", **settings)
-    assert a["history"]["train_loss"] == b["history"]["train_loss"] and a["final_accuracy"] == b["final_accuracy"]
+    assert (
+        a["history"]["train_loss"] == b["history"]["train_loss"]
+        and a["final_accuracy"] == b["final_accuracy"]
+    )
     assert 0 <= a["final_accuracy"] <= 1 and a["steps"] >= 1
     for o in ("clm", "mlm", "rts", "slm"):
-        assert math.isfinite(pretrain_objective(seed=0, profile=smoke, objective=o, **settings)["history"]["train_loss"][-1])
+        assert math.isfinite(
+            pretrain_objective(seed=0, profile=smoke, objective=o, **settings)["history"]["train_loss"][-1]
+        )
     from pretrain_nb.lm_objectives import code_data
+
     data = code_data(512, 32, 10, per_class=15)
     labels = data["probe_test"][2]
-    assert len(labels) <= 15 * len(STATEMENT_KINDS) and labels.bincount().max() <= 15 and (data["probe_test"][1].sum(1) > 0).all()
+    assert (
+        len(labels) <= 15 * len(STATEMENT_KINDS)
+        and labels.bincount().max() <= 15
+        and (data["probe_test"][1].sum(1) > 0).all()
+    )
     with pytest.raises(PretrainNbError, match="valid ObjectiveRun settings"):
         pretrain_objective(seed=0, profile=smoke, objectve="mlm")

@@ -7,9 +7,17 @@ import torch
 import torch.nn.functional as F
 
 from pretrain_nb.core import PretrainNbError, load_profile
-from pretrain_nb.mim import PatchEncoder, gather_tokens
-from pretrain_nb.mim_pretext import (PositionPredictor, Selfie, hide_random_positions, position_confusion, position_prediction_loss, pretext_job,
-                                     selfie_accuracy, selfie_loss)
+from pretrain_nb.mim_mae import PatchEncoder, gather_tokens
+from pretrain_nb.mim_pretext import (
+    PositionPredictor,
+    Selfie,
+    hide_random_positions,
+    position_confusion,
+    position_prediction_loss,
+    pretext_job,
+    selfie_accuracy,
+    selfie_loss,
+)
 from pretrain_nb.models import TransformerConfig, unpatchify
 
 CFG = TransformerConfig(d_model=32, n_layers=2, n_heads=4)
@@ -28,7 +36,8 @@ def test_hiding_withholds_an_exact_share_per_row_at_random_places(fraction, expe
     torch.manual_seed(0)
     hide = hide_random_positions(200, 8, fraction)
     assert (hide.sum(1) == expected).all()
-    if expected < 8: assert len({tuple(r.tolist()) for r in hide}) >= min(10, math.comb(8, expected))  # per-row draws
+    if expected < 8:
+        assert len({tuple(r.tolist()) for r in hide}) >= min(10, math.comb(8, expected))  # per-row draws
     with pytest.raises(PretrainNbError, match=r"must lie in \(0, 1\]"):
         hide_random_positions(2, 8, 0.0)
 
@@ -49,7 +58,9 @@ def test_position_loss_targets_the_true_places_so_a_model_can_learn_them():
     x = _place_coded_images(64)
     for _ in range(150):
         loss = position_prediction_loss(model, x, mask_ratio=0.5)
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     assert loss.item() < 0.3 * math.log(16)
     conf = position_confusion(model, _place_coded_images(50, seed=1))
     assert conf.sum() == 50 * 16 and (conf.sum(1) == 50).all()
@@ -68,28 +79,65 @@ def test_selfie_scores_the_masked_places_against_the_masked_patches_with_the_dia
     x = _place_coded_images(64)
     for _ in range(150):
         loss = selfie_loss(model(x, 0.75))
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     torch.manual_seed(1)
     with torch.no_grad():
-        assert selfie_accuracy(model(_place_coded_images(50, seed=1), 0.75)) > 0.5  # chance is 1/12; only learnable if place i is scored against patch i
+        assert (
+            selfie_accuracy(model(_place_coded_images(50, seed=1), 0.75)) > 0.5
+        )  # chance is 1/12; only learnable if place i is scored against patch i
 
 
 def test_runs_repeat_exactly_fine_tune_on_the_plan_and_refuse_wrong_settings():
     pytest.importorskip("sklearn")
     smoke = load_profile("smoke")
-    settings = dict(steps=3, batch_size=16, n_pretrain=64, n_probe_train=100, n_probe_test=40, d_model=32, n_layers=1,
-                    finetune_plan=((0.1, 2), (1.0, 3)))
+    settings = dict(
+        steps=3,
+        batch_size=16,
+        n_pretrain=64,
+        n_probe_train=100,
+        n_probe_test=40,
+        d_model=32,
+        n_layers=1,
+        finetune_plan=((0.1, 2), (1.0, 3)),
+    )
     try:
         a = pretext_job("pretext", seed=0, profile=smoke, method="mp3", mask_ratio=0.5, **settings)["result"]
     except PretrainNbError as e:
         pytest.skip(f"Fashion-MNIST is not installed here: {e}")
     b = pretext_job("pretext", seed=0, profile=smoke, method="mp3", mask_ratio=0.5, **settings)["result"]
-    assert a["final_loss"] == b["final_loss"] and a["confusion"].sum() == 40 * 16 and a["placements"].shape == (6, 16)
+    assert (
+        a["final_loss"] == b["final_loss"]
+        and a["confusion"].sum() == 40 * 16
+        and a["placements"].shape == (6, 16)
+    )
     s = pretext_job("pretext", seed=0, profile=smoke, method="selfie", **settings)["result"]
     assert 0 <= s["selection_accuracy"] <= 1
-    rows = pretext_job("finetune", seed=0, profile=smoke, encoder_state=a["encoder"], positions="none", finetune_seeds=(0, 7), **settings)["result"]
-    assert [(r["fraction"], r["finetune_seed"], r["steps"]) for r in rows] == [(0.1, 0, 2), (0.1, 7, 2), (1.0, 0, 3), (1.0, 7, 3)]
-    again = pretext_job("finetune", seed=0, profile=smoke, encoder_state=a["encoder"], positions="none", fractions=(1.0,), **settings)["result"]
+    rows = pretext_job(
+        "finetune",
+        seed=0,
+        profile=smoke,
+        encoder_state=a["encoder"],
+        positions="none",
+        finetune_seeds=(0, 7),
+        **settings,
+    )["result"]
+    assert [(r["fraction"], r["finetune_seed"], r["steps"]) for r in rows] == [
+        (0.1, 0, 2),
+        (0.1, 7, 2),
+        (1.0, 0, 3),
+        (1.0, 7, 3),
+    ]
+    again = pretext_job(
+        "finetune",
+        seed=0,
+        profile=smoke,
+        encoder_state=a["encoder"],
+        positions="none",
+        fractions=(1.0,),
+        **settings,
+    )["result"]
     assert [r["accuracy"] for r in again] == [rows[2]["accuracy"]]
     with pytest.raises(PretrainNbError, match="valid pretext methods are"):
         pretext_job("pretext", seed=0, profile=smoke, method="jigsaw", **settings)

@@ -1,5 +1,6 @@
 """The papermill harness: every notebook in nbs/ runs end to end in the smoke profile, in a fresh kernel,
 into a temporary runs folder, offline, within its budget, and writes results.json and its figures."""
+
 import json
 
 import nbformat
@@ -19,8 +20,14 @@ def test_parameters_cell(name):
     nb = nbformat.read(notebook_files(ROOT)[name], as_version=4)
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1, f"{name}: {len(tagged)} cells tagged 'parameters', expected exactly 1"
-    names = {line.split("=")[0].strip() for line in tagged[0].source.splitlines() if "=" in line and not line.startswith("#")}
-    assert {"profile", "seed"} <= names, f"{name}: the parameters cell sets {sorted(names)}, it needs profile and seed"
+    names = {
+        line.split("=")[0].strip()
+        for line in tagged[0].source.splitlines()
+        if "=" in line and not line.startswith("#")
+    }
+    assert {"profile", "seed"} <= names, (
+        f"{name}: the parameters cell sets {sorted(names)}, it needs profile and seed"
+    )
 
 
 @pytest.mark.notebooks
@@ -30,7 +37,9 @@ def test_notebook_runs_in_smoke_profile(name, runs_dir):
     assert profile.runs_dir == runs_dir.resolve()
     summary = execute_notebook(name, profile, seed=0, progress=False, root=ROOT)
     NOTEBOOK_TIMES.append((name, summary["wall_time_s"], profile.budget_s))
-    assert summary["error"] is None, f"{name} failed: {summary['error']} (executed copy: {summary['executed']})"
+    assert summary["error"] is None, (
+        f"{name} failed: {summary['error']} (executed copy: {summary['executed']})"
+    )
 
     out = runs_dir / "smoke" / name
     record = json.loads((out / "results.json").read_text())
@@ -46,4 +55,5 @@ def test_notebook_runs_in_smoke_profile(name, runs_dir):
     if notebook_card(notebook_files(ROOT)[name])["kind"] in ("family", "template"):
         assert record["figures"], f"{name} saved no figure"
     assert summary["wall_time_s"] <= profile.budget_s, (
-        f"{name} took {summary['wall_time_s']:.1f} s in the smoke profile; the budget is {profile.budget_s:.0f} s")
+        f"{name} took {summary['wall_time_s']:.1f} s in the smoke profile; the budget is {profile.budget_s:.0f} s"
+    )

@@ -1,4 +1,5 @@
 """The repetition notebook's pieces (pretrain_nb.repetition): the unique-budget sampler, ensembles, distillation, the asymptote fit."""
+
 import math
 
 import numpy as np
@@ -8,7 +9,14 @@ import torch.nn.functional as F
 
 from pretrain_nb.core import PretrainNbError, load_profile
 from pretrain_nb.models import GPT, TransformerConfig, causal_lm_loss, lm_loss
-from pretrain_nb.repetition import distillation_loss, ensemble_log_probs, ensemble_loss, sample_order, train_on_repeats, unique_budget
+from pretrain_nb.repetition import (
+    distillation_loss,
+    ensemble_log_probs,
+    ensemble_loss,
+    sample_order,
+    train_on_repeats,
+    unique_budget,
+)
 from pretrain_nb.training import TrainConfig, train
 
 
@@ -17,11 +25,20 @@ def test_unique_budget_size_nesting_and_errors():
     b2 = unique_budget(blocks, steps=40, batch_size=10, epochs=2, seed=3)
     b8 = unique_budget(blocks, steps=40, batch_size=10, epochs=8, seed=3)
     assert len(b2) == 200 and len(b8) == 50 and len(set(b2.flatten().tolist())) == 200  # distinct blocks
-    assert set(b8.flatten().tolist()) <= set(b2.flatten().tolist())  # smaller budgets are nested in larger ones
-    assert not torch.equal(b8, unique_budget(blocks, steps=40, batch_size=10, epochs=8, seed=4))  # the seed picks the blocks
-    with pytest.raises(PretrainNbError, match=r"divides steps x batch_size = 400 \(up to 64: 1, 2, 4, 5, 8, 10, 16, 20, 25, 40, 50\), not 3"):
+    assert set(b8.flatten().tolist()) <= set(
+        b2.flatten().tolist()
+    )  # smaller budgets are nested in larger ones
+    assert not torch.equal(
+        b8, unique_budget(blocks, steps=40, batch_size=10, epochs=8, seed=4)
+    )  # the seed picks the blocks
+    with pytest.raises(
+        PretrainNbError,
+        match=r"divides steps x batch_size = 400 \(up to 64: 1, 2, 4, 5, 8, 10, 16, 20, 25, 40, 50\), not 3",
+    ):
         unique_budget(blocks, 40, 10, epochs=3)
-    with pytest.raises(PretrainNbError, match="need 4000 distinct blocks but the corpus has 1000; use at least 4 epochs"):
+    with pytest.raises(
+        PretrainNbError, match="need 4000 distinct blocks but the corpus has 1000; use at least 4 epochs"
+    ):
         unique_budget(blocks, 400, 10, epochs=1)
 
 
@@ -30,7 +47,8 @@ def test_sample_order_repeats_each_block_once_per_epoch():
     order = sample_order(n, steps, bs, seed=1)
     assert order.shape == (steps, bs) and int(order.max()) < n
     per_epoch = order.flatten().view(epochs, n)
-    for e in range(epochs): assert sorted(per_epoch[e].tolist()) == list(range(n))
+    for e in range(epochs):
+        assert sorted(per_epoch[e].tolist()) == list(range(n))
     assert not torch.equal(per_epoch[0], per_epoch[1])  # a new permutation each epoch
 
 
@@ -50,7 +68,8 @@ def test_training_loop_sees_exactly_the_budget_epochs_times():
     budget_rows = [tuple(r) for r in budget.tolist()]
     assert all(tuple(r) in set(budget_rows) for r in rows.tolist())  # nothing from outside the budget
     counts = {r: 0 for r in budget_rows}
-    for r in rows.tolist(): counts[tuple(r)] += 1
+    for r in rows.tolist():
+        counts[tuple(r)] += 1
     assert set(counts.values()) == {5} and set(budget_rows) <= corpus_rows
 
 
@@ -59,7 +78,8 @@ def test_ensemble_is_the_renormalized_mean_log_probability():
     cfg = TransformerConfig(vocab_size=11, block_size=7, d_model=8, n_layers=1, n_heads=2)
     models = [GPT(cfg) for _ in range(3)]
     for m in models:  # make the members disagree more than their near-uniform initialisation does
-        for p in m.parameters(): p.data.mul_(20)
+        for p in m.parameters():
+            p.data.mul_(20)
     idx = torch.randint(0, 11, (4, 7))
     with torch.no_grad():
         log_p = ensemble_log_probs(models, idx)
@@ -69,9 +89,13 @@ def test_ensemble_is_the_renormalized_mean_log_probability():
     probability_mean = torch.logsumexp(F.log_softmax(logits, -1), 0) - math.log(3)
     assert not torch.allclose(log_p, probability_mean, atol=1e-3)  # not a mixture of the distributions
     with torch.no_grad():
-        assert ensemble_loss(models[:1], idx) == pytest.approx(causal_lm_loss(models[0](idx), idx).item(), rel=1e-5)
+        assert ensemble_loss(models[:1], idx) == pytest.approx(
+            causal_lm_loss(models[0](idx), idx).item(), rel=1e-5
+        )
     member_mean = np.mean([ensemble_loss([m], idx) for m in models])
-    assert ensemble_loss(models, idx) < member_mean  # never above the mean member; strictly below when they disagree
+    assert (
+        ensemble_loss(models, idx) < member_mean
+    )  # never above the mean member; strictly below when they disagree
 
 
 def test_distillation_loss():
@@ -84,8 +108,16 @@ def test_distillation_loss():
         other = ensemble_log_probs([teacher], idx)
         assert distillation_loss(student, (idx, own)).item() == pytest.approx(0.0, abs=1e-6)
         assert distillation_loss(student, (idx, other)).item() > 1e-4
-        assert distillation_loss(student, (idx, other), weight=0.0).item() == pytest.approx(lm_loss(student, idx).item(), rel=1e-5)
-        kl = F.kl_div(F.log_softmax(student(idx)[:, :-1], -1), other[:, :-1], log_target=True, reduction="none").sum(-1).mean()
+        assert distillation_loss(student, (idx, other), weight=0.0).item() == pytest.approx(
+            lm_loss(student, idx).item(), rel=1e-5
+        )
+        kl = (
+            F.kl_div(
+                F.log_softmax(student(idx)[:, :-1], -1), other[:, :-1], log_target=True, reduction="none"
+            )
+            .sum(-1)
+            .mean()
+        )
         assert distillation_loss(student, (idx, other)).item() == pytest.approx(kl.item(), rel=1e-5)
 
 
@@ -101,14 +133,22 @@ def test_run_is_deterministic_counts_epochs_and_rejects_unknown_settings():
     assert a["rise"] == pytest.approx(a["final_loss"] - a["best_loss"]) and "state" in a and "state" not in b
     c = train_on_repeats(TINY | dict(epochs=4, weight_decay=3.0), seed=0, profile=profile)
     assert c["final_loss"] != a["final_loss"]
-    with pytest.raises(PretrainNbError, match="Unknown RepetitionRun setting 'epoch'; valid RepetitionRun settings are: batch_size"):
+    with pytest.raises(
+        PretrainNbError,
+        match="Unknown RepetitionRun setting 'epoch'; valid RepetitionRun settings are: batch_size",
+    ):
         train_on_repeats(TINY | dict(epoch=4), seed=0, profile=profile)
 
 
 def test_distillation_run_moves_the_student_towards_its_teachers():
     profile = load_profile("smoke")
-    teachers = [train_on_repeats(TINY | dict(epochs=2), seed=s, profile=profile, keep_state=True)["state"] for s in (0, 1)]
+    teachers = [
+        train_on_repeats(TINY | dict(epochs=2), seed=s, profile=profile, keep_state=True)["state"]
+        for s in (0, 1)
+    ]
     student = train_on_repeats(TINY | dict(epochs=2), seed=5, profile=profile, teachers=teachers)
     plain = train_on_repeats(TINY | dict(epochs=2), seed=5, profile=profile)
     assert math.isfinite(student["final_loss"]) and student["final_loss"] != plain["final_loss"]
-    assert student["history"]["train_loss"][-1] < student["history"]["train_loss"][0]  # the KL to the teachers falls
+    assert (
+        student["history"]["train_loss"][-1] < student["history"]["train_loss"][0]
+    )  # the KL to the teachers falls

@@ -1,12 +1,28 @@
 """Verdict rules, each tested with data that satisfies it and data that does not (pretrain_nb.results)."""
+
 import json
 
 import numpy as np
 import pytest
 
 from pretrain_nb.core import PretrainNbError
-from pretrain_nb.results import (INCONCLUSIVE, NOT_ASSESSED, NOT_REPRODUCED, REPRODUCED, RESULTS_KEYS, Paper, all_of, beats,
-                                 judge, mean_above, mean_below, r2_above, r_squared, spread_below, start_run)
+from pretrain_nb.results import (
+    INCONCLUSIVE,
+    NOT_ASSESSED,
+    NOT_REPRODUCED,
+    REPRODUCED,
+    RESULTS_KEYS,
+    Paper,
+    all_of,
+    beats,
+    judge,
+    mean_above,
+    mean_below,
+    r2_above,
+    r_squared,
+    spread_below,
+    start_run,
+)
 
 GOOD = {"new": [0.81, 0.83, 0.82], "old": [0.78, 0.80, 0.79]}
 
@@ -17,7 +33,9 @@ def test_beats_both_ways():
     # right direction on average, but one seed loses: inconclusive
     assert beats("new", "old")({"new": [0.81, 0.77, 0.84], "old": [0.78, 0.80, 0.79]}).verdict == INCONCLUSIVE
     # wins every seed but the gap is tiny compared with its spread: still needs mean > 2 SE
-    assert beats("new", "old")({"new": [0.80, 0.7901, 0.9], "old": [0.79, 0.79, 0.79]}).verdict == INCONCLUSIVE
+    assert (
+        beats("new", "old")({"new": [0.80, 0.7901, 0.9], "old": [0.79, 0.79, 0.79]}).verdict == INCONCLUSIVE
+    )
 
 
 def test_beats_lower_is_better():
@@ -50,9 +68,14 @@ def test_bounds_both_ways():
 def test_r2_both_ways():
     x = np.arange(1, 9.0)
     assert r_squared([1, 2, 3], [1, 2, 3]) == 1.0
-    assert r2_above("y", "fit", 0.9)({"y": 2 * x ** -0.5, "fit": 2 * x ** -0.5 + 1e-3}).verdict == REPRODUCED
-    assert r2_above("y", "fit", 0.9)({"y": [1, 3, 0.5, 2, 1.5, 0.2, 2.5, 1], "fit": 2 * x ** -0.5}).verdict == NOT_REPRODUCED
-    assert r2_above("y", "fit", 0.9)({"y": [1, 2, 3], "fit": [1, 2, 3]}).verdict == INCONCLUSIVE  # too few points
+    assert r2_above("y", "fit", 0.9)({"y": 2 * x**-0.5, "fit": 2 * x**-0.5 + 1e-3}).verdict == REPRODUCED
+    assert (
+        r2_above("y", "fit", 0.9)({"y": [1, 3, 0.5, 2, 1.5, 0.2, 2.5, 1], "fit": 2 * x**-0.5}).verdict
+        == NOT_REPRODUCED
+    )
+    assert (
+        r2_above("y", "fit", 0.9)({"y": [1, 2, 3], "fit": [1, 2, 3]}).verdict == INCONCLUSIVE
+    )  # too few points
 
 
 def test_all_of():
@@ -67,10 +90,14 @@ def test_spread_below_both_ways_and_its_power():
     shaky = [0.60, 0.72, 0.65, 0.75, 0.58, 0.70, 0.62, 0.74, 0.66]
     v = spread_below("pre-trained", "scratch")({"pre-trained": steady, "scratch": shaky})
     assert v.verdict == REPRODUCED and "p = " in v.detail
-    assert spread_below("pre-trained", "scratch")({"pre-trained": shaky, "scratch": steady}).verdict == NOT_REPRODUCED
+    assert (
+        spread_below("pre-trained", "scratch")({"pre-trained": shaky, "scratch": steady}).verdict
+        == NOT_REPRODUCED
+    )
     # half the spread with 3 runs each: the right direction, but an F-test with 2 and 2 degrees of freedom cannot tell
     assert spread_below("a", "b")({"a": [0.70, 0.71, 0.72], "b": [0.68, 0.70, 0.72]}).verdict == INCONCLUSIVE
     from scipy.stats import f as f_dist
+
     a, b = np.array(steady), np.array(shaky)
     expected = f_dist.cdf(a.var(ddof=1) / b.var(ddof=1), 8, 8)
     assert f"p = {expected:.3g}" in v.detail

@@ -1,5 +1,6 @@
 """The package is exactly what the notebooks export, and the notebooks are clean: running nbdev-export
 and nbdev-clean on a copy of the repository must change nothing."""
+
 import filecmp
 import shutil
 import subprocess
@@ -16,15 +17,20 @@ def _copy(tmp_path):
     dst.mkdir()
     for name in ("nbs", "pretrain_nb", "pyproject.toml", "settings.ini", "README.md"):
         src = ROOT / name
-        if src.is_dir(): shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
-        elif src.exists(): shutil.copy2(src, dst / name)
+        if src.is_dir():
+            shutil.copytree(
+                src, dst / name, ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints")
+            )
+        elif src.exists():
+            shutil.copy2(src, dst / name)
     return dst
 
 
 def _changed(a: Path, b: Path) -> list[str]:
     cmp = filecmp.dircmp(a, b, ignore=["__pycache__", ".ipynb_checkpoints"])
     out = [f"{b}/{n}" for n in cmp.diff_files + cmp.left_only + cmp.right_only]
-    for sub in cmp.common_dirs: out += _changed(a / sub, b / sub)
+    for sub in cmp.common_dirs:
+        out += _changed(a / sub, b / sub)
     return out
 
 
@@ -50,6 +56,7 @@ def test_notebooks_are_clean(tmp_path):
 def test_committed_notebooks_have_no_outputs():
     "Notebooks are committed without outputs: figures/ and the HTML report hold what a run shows."
     import nbformat
+
     for path in sorted((ROOT / "nbs").glob("*.ipynb")):
         nb = nbformat.read(path, as_version=4)
         with_output = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.outputs]

@@ -6,8 +6,17 @@ import torch
 
 from pretrain_nb.core import PretrainNbError, seed_everything
 from pretrain_nb.models import GPT, TransformerConfig, causal_lm_loss
-from pretrain_nb.training import (TrainConfig, batch_indices, constant, latest_checkpoint, make_schedule, piecewise, train,
-                                  warmup_cosine, warmup_stable_decay)
+from pretrain_nb.training import (
+    TrainConfig,
+    batch_indices,
+    constant,
+    latest_checkpoint,
+    make_schedule,
+    piecewise,
+    train,
+    warmup_cosine,
+    warmup_stable_decay,
+)
 
 
 def test_cosine_breakpoints():
@@ -40,16 +49,20 @@ def test_schedule_errors():
 def test_batch_indices_cover_each_epoch_once():
     idx = torch.cat([batch_indices(s, 12, 5, seed=3) for s in range(12)])  # 60 positions = 5 epochs
     for e in range(5):
-        assert sorted(idx[12 * e: 12 * (e + 1)].tolist()) == list(range(12))
+        assert sorted(idx[12 * e : 12 * (e + 1)].tolist()) == list(range(12))
     assert torch.equal(batch_indices(7, 12, 5, seed=3), batch_indices(7, 12, 5, seed=3))
     assert not torch.equal(batch_indices(0, 12, 5, seed=3), batch_indices(0, 12, 5, seed=4))
     in_order = torch.cat([batch_indices(s, 12, 5, seed=3, shuffle=False) for s in range(12)])
-    assert in_order.tolist() == list(range(12)) * 5  # shuffle=False keeps the data's order (a curriculum), epoch after epoch
+    assert (
+        in_order.tolist() == list(range(12)) * 5
+    )  # shuffle=False keeps the data's order (a curriculum), epoch after epoch
 
 
 def _setup(vocab=20, n=64):
     g = torch.Generator().manual_seed(0)
-    data = (torch.randint(vocab, (n, 1), generator=g) + torch.arange(16)) % vocab  # counting sequences: learnable
+    data = (
+        torch.randint(vocab, (n, 1), generator=g) + torch.arange(16)
+    ) % vocab  # counting sequences: learnable
     cfg = TransformerConfig(vocab_size=vocab, block_size=16, d_model=32, n_layers=2, n_heads=4, dropout=0.1)
     loss = lambda m, b: causal_lm_loss(m(b), b)
     return data, cfg, loss
@@ -59,8 +72,18 @@ def _run(tmp=None, stop_after=None, micro=None, steps=12, dropout=0.1):
     data, mcfg, loss = _setup()
     seed_everything(0)
     model = GPT(TransformerConfig(**{**mcfg.__dict__, "dropout": dropout}))
-    cfg = TrainConfig(steps=steps, batch_size=8, micro_batch_size=micro, lr=1e-2, warmup_steps=2, eval_every=3,
-                      checkpoint_every=3 if tmp else 0, checkpoint_dir=tmp, stop_after=stop_after, progress=False)
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=8,
+        micro_batch_size=micro,
+        lr=1e-2,
+        warmup_steps=2,
+        eval_every=3,
+        checkpoint_every=3 if tmp else 0,
+        checkpoint_dir=tmp,
+        stop_after=stop_after,
+        progress=False,
+    )
     hist = train(model, loss, data, cfg, eval_fn=lambda m: {"val_loss": loss(m, data[:8]).item()})
     return hist, model
 
@@ -110,8 +133,13 @@ def one_training_run(accelerator, micro):
     data, mcfg, loss = _setup()
     seed_everything(0)
     model = GPT(TransformerConfig(**{**mcfg.__dict__, "dropout": 0.0}))
-    train(model, loss, data, TrainConfig(steps=5, batch_size=8, micro_batch_size=micro, lr=1e-2, eval_every=5, progress=False),
-          accelerator=accelerator)
+    train(
+        model,
+        loss,
+        data,
+        TrainConfig(steps=5, batch_size=8, micro_batch_size=micro, lr=1e-2, eval_every=5, progress=False),
+        accelerator=accelerator,
+    )
     return model
 
 
@@ -122,18 +150,35 @@ def test_two_processes_match_one(tmp_path):
     from pathlib import Path
 
     from accelerate import Accelerator
+
     out, script = tmp_path / "two.pt", tmp_path / "worker.py"
     script.write_text(WORKER.format(tests=str(Path(__file__).parent), out=str(out)))
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
-    done = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-                           "--master_port", str(port), str(script)], capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(port),
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     two = torch.load(out)
     one = one_training_run(Accelerator(cpu=True), micro=4).state_dict()
     seed_everything(0)
-    init = GPT(TransformerConfig(**{**_setup()[1].__dict__, "dropout": 0.0})).state_dict()  # the same initialisation
+    init = GPT(
+        TransformerConfig(**{**_setup()[1].__dict__, "dropout": 0.0})
+    ).state_dict()  # the same initialisation
     for k, v in one.items():
         assert torch.allclose(v, two[k], atol=1e-5), f"{k} differs by {(v - two[k]).abs().max():.2e}"
     assert max((two[k] - init[k]).abs().max() for k in two) > 1e-3  # the parameters did train

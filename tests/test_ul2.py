@@ -8,8 +8,20 @@ import torch.nn.functional as F
 
 from pretrain_nb.core import PretrainNbError, load_profile
 from pretrain_nb.models import GPT, TransformerConfig
-from pretrain_nb.ul2 import (DENOISERS, PAD_ID, Vocab, denoise_batch, noise_mask, pretrain_ul2, reconstruct, span_corrupt, span_counts,
-                             span_lengths, target_loss, ul2_loss)
+from pretrain_nb.ul2 import (
+    DENOISERS,
+    PAD_ID,
+    Vocab,
+    denoise_batch,
+    noise_mask,
+    pretrain_ul2,
+    reconstruct,
+    span_corrupt,
+    span_counts,
+    span_lengths,
+    target_loss,
+    ul2_loss,
+)
 
 VOCAB = Vocab(base=100, n_sentinels=16)
 
@@ -19,10 +31,14 @@ def test_noise_mask_hides_the_set_fraction_in_the_set_number_of_spans(rate, mean
     torch.manual_seed(0)
     L = 48
     n_noise, n_spans = span_counts(L, rate, mean_span)
-    assert n_noise == round(rate * L) and abs(n_noise / n_spans - mean_span) <= mean_span / 2  # mean span = hidden / spans, within rounding
+    assert (
+        n_noise == round(rate * L) and abs(n_noise / n_spans - mean_span) <= mean_span / 2
+    )  # mean span = hidden / spans, within rounding
     m = noise_mask(2000, L, rate, mean_span)
     starts = m & ~F.pad(m, (1, 0))[:, :-1]
-    assert (m.sum(1) == n_noise).all() and (starts.sum(1) == n_spans).all() and not m[:, 0].any()  # T5 layout: a visible segment first
+    assert (
+        (m.sum(1) == n_noise).all() and (starts.sum(1) == n_spans).all() and not m[:, 0].any()
+    )  # T5 layout: a visible segment first
     first_start = starts.float().argmax(1)
     assert first_start.float().std() > 0.5  # span positions vary across rows
 
@@ -58,7 +74,11 @@ def test_denoiser_sequences_mark_exactly_the_targets():
     blocks = torch.randint(4, 100, (16, 48))
     seq, is_t = denoise_batch(blocks, "X", VOCAB, 60)
     n_noise, n_spans = span_counts(48, **DENOISERS["X"])
-    assert (seq[:, 0] == VOCAB.mode("X")).all() and (is_t.sum(1) == n_noise + n_spans).all() and (seq[~is_t][-1] == PAD_ID)
+    assert (
+        (seq[:, 0] == VOCAB.mode("X")).all()
+        and (is_t.sum(1) == n_noise + n_spans).all()
+        and (seq[~is_t][-1] == PAD_ID)
+    )
     seq, is_t = denoise_batch(blocks, "S", VOCAB, 60)
     cut = 48 + 1 - is_t.sum(1)  # prefix length including the mode token
     assert ((cut - 1 >= 12) & (cut - 1 <= 36)).all() and torch.equal(seq[:, 1:49], blocks)
@@ -71,7 +91,9 @@ def test_target_loss_reads_only_the_targets():
     model = GPT(TransformerConfig(vocab_size=VOCAB.size, block_size=60, d_model=16, n_layers=1, n_heads=2))
     seq, is_t = denoise_batch(torch.randint(4, 100, (4, 48)), "R", VOCAB, 60)
     logits = model(seq)[:, :-1]
-    manual = torch.stack([F.cross_entropy(logits[b, t - 1], seq[b, t]) for b in range(4) for t in range(1, 60) if is_t[b, t]]).mean()
+    manual = torch.stack(
+        [F.cross_entropy(logits[b, t - 1], seq[b, t]) for b in range(4) for t in range(1, 60) if is_t[b, t]]
+    ).mean()
     assert torch.allclose(target_loss(model, seq, is_t), manual, atol=1e-5)
     for objective in ("causal LM", "span corruption", "prefix LM", "MoD"):
         assert math.isfinite(ul2_loss(objective, VOCAB, 60)(model, torch.randint(4, 100, (6, 48))).item())

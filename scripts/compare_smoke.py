@@ -1,0 +1,132 @@
+"""Check that a change of code changes no result: run every notebook in the smoke profile at two commits
+and compare what each results.json measured (metrics and the arms of every claim), notebook by notebook.
+
+    .venv/bin/python scripts/compare_smoke.py --before 977f581 --after HEAD
+    .venv/bin/python scripts/compare_smoke.py --before-runs /tmp/a/smoke --after-runs /tmp/b/smoke
+
+Each commit is checked out into a temporary git worktree and run with this repository's environment
+(its `pretrain_nb` put first on PYTHONPATH), offline, sharing this repository's data cache. Notebooks
+renamed between the commits are paired through `pretrain_nb.cli.RENAMED` (read from the after commit).
+Numbers that measure the clock (wall times, steps per second) are not results and are left out; they
+are listed in TIMING_KEYS. Exit status: 0 when every compared number is identical, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# keys whose values are clock readings, not results: they differ between two runs of the same code
+TIMING_KEYS = ("seconds", "wall_time", "time_s", "throughput", "per_s", "s_per_step", "elapsed")
+
+
+def is_timing(key: str) -> bool:
+    return any(part in key.lower() for part in TIMING_KEYS)
+
+
+def flatten(value, prefix: str = "") -> dict[str, object]:
+    "Nested dicts and lists as {'a.b[2].c': leaf}, timing keys dropped."
+    out = {}
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not is_timing(str(k)):
+                out |= flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out |= flatten(v, f"{prefix}[{i}]")
+    else:
+        out[prefix] = value
+    return out
+
+
+def same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+def measured(record: dict) -> dict[str, object]:
+    "What a results.json measured: its metrics and, per claim, the arms (by the claim's position)."
+    claims = {f"claim {i} ({c['paper']['title'][:40]})": c["arms"] for i, c in enumerate(record["claims"])}
+    return flatten({"metrics": record["metrics"], "claims": claims, "figures": record["figures"]})
+
+
+def compare(before: Path, after: Path, renamed: dict[str, str]) -> list[str]:
+    "One line per notebook: identical (with the number of values compared) or the values that differ."
+    lines, failures = [], 0
+    old = {p.parent.name: p for p in sorted(before.glob("*/results.json"))}
+    new = {p.parent.name: p for p in sorted(after.glob("*/results.json"))}
+    for name, path in old.items():
+        target = renamed.get(name, name)
+        label = name if target == name else f"{name} -> {target}"
+        if target not in new:
+            lines.append(f"{label:<36} MISSING after")
+            failures += 1
+            continue
+        a, b = measured(json.loads(path.read_text())), measured(json.loads(new[target].read_text()))
+        keys = sorted(set(a) | set(b))
+        diff = [k for k in keys if k not in a or k not in b or not same(a[k], b[k])]
+        if diff:
+            failures += 1
+            lines.append(f"{label:<36} {len(diff)} of {len(keys)} values differ")
+            for k in diff[:12]:
+                lines.append(f"    {k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}")
+        else:
+            lines.append(f"{label:<36} identical ({len(keys)} values)")
+    for name in sorted(set(new) - {renamed.get(n, n) for n in old}):
+        lines.append(f"{name:<36} new after (nothing to compare)")
+    lines.append(f"{len(old) - failures} of {len(old)} notebooks identical")
+    return lines
+
+
+def run_smoke(rev: str, runs: Path) -> Path:
+    "Check out `rev` into a temporary worktree, run every notebook in the smoke profile into `runs`."
+    tree = Path(tempfile.mkdtemp(prefix="compare-smoke-")) / "tree"
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=ROOT, check=True)
+    env = os.environ | {
+        "PYTHONPATH": str(tree),
+        "PRETRAIN_NB_ROOT": str(tree),
+        "PRETRAIN_NB_RUNS_DIR": str(runs),
+        "PRETRAIN_NB_DATA_DIR": str(ROOT / "data"),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+    }
+    cli = Path(sys.executable).parent / "pretrain-nb"
+    try:
+        subprocess.run([str(cli), "run", "--all", "--profile", "smoke", "--seed", "0"], cwd=tree, env=env)
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT)
+    return runs / "smoke"
+
+
+def renamed_at(rev_root: Path | None) -> dict[str, str]:
+    sys.path.insert(0, str(rev_root or ROOT))
+    from pretrain_nb.cli import RENAMED
+
+    return dict(RENAMED)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--before", help="commit to run first")
+    p.add_argument("--after", help="commit to compare with it")
+    p.add_argument("--before-runs", type=Path, help="an existing runs/smoke folder instead of --before")
+    p.add_argument("--after-runs", type=Path, help="an existing runs/smoke folder instead of --after")
+    args = p.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="compare-smoke-runs-"))
+    before = args.before_runs or run_smoke(args.before, work / "before")
+    after = args.after_runs or run_smoke(args.after, work / "after")
+    lines = compare(before, after, renamed_at(None))
+    print("\n".join(lines))
+    return 0 if lines[-1].startswith(f"{len(list(before.glob('*/results.json')))} of") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
