@@ -79,7 +79,7 @@ class TransformerConfig:
 def attention_mask(
     padding_mask: torch.Tensor | None, seq_len: int, causal: bool, device=None
 ) -> torch.Tensor | None:
-    "Boolean mask (True = may attend) of shape (B, 1, T, T) from a (B, T) padding mask (True = real token), or None."
+    "Boolean mask (B, 1, T, T), True = may attend, from a (B, T) padding mask (True = real token); or None."
     if padding_mask is None:
         return None  # SDPA's is_causal handles the causal case without a mask tensor
     allowed = padding_mask[:, None, None, :].bool()
@@ -102,13 +102,13 @@ def rotary_tables(
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    "Rotate the two halves of the last dimension of x (..., T, head_dim) by the angles in cos/sin (T, head_dim/2)."
+    "Rotate the halves of the last dimension of x (..., T, head_dim) by the angles cos, sin (T, head_dim/2)."
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 # %% ../nbs/02_models.ipynb #6f43fbd1
 class SelfAttention(nn.Module):
-    "Multi-head self-attention through scaled_dot_product_attention, causal or bidirectional, with optional RoPE."
+    "Multi-head self-attention through scaled_dot_product_attention: causal or bidirectional, optional RoPE."
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -152,7 +152,7 @@ class MLP(nn.Module):
 
 # %% ../nbs/02_models.ipynb #102b16f6
 def block_norms(cfg: TransformerConfig) -> list[str]:
-    "The placement of each block: cfg.norm everywhere; for Mix-LN, post in the first floor(alpha L) blocks, pre after."
+    "Each block's norm placement: cfg.norm everywhere; Mix-LN: post in the first floor(alpha L), pre after."
     if cfg.norm != "mix":
         return [cfg.norm] * cfg.n_layers
     n_post = math.floor(cfg.mix_post_fraction * cfg.n_layers + 1e-9)  # the epsilon keeps e.g. 0.25 * 12 at 3
@@ -160,7 +160,7 @@ def block_norms(cfg: TransformerConfig) -> list[str]:
 
 # %% ../nbs/02_models.ipynb #b8a9321f
 class Block(nn.Module):
-    "One transformer block: attention and MLP sublayers, LayerNorm before (pre), after the add (post) or around (peri)."
+    "A transformer block: attention and MLP, LayerNorm before (pre), after the add (post) or around (peri)."
 
     def __init__(self, cfg: TransformerConfig, norm: str | None = None):
         super().__init__()
@@ -191,7 +191,7 @@ class Block(nn.Module):
 
 # %% ../nbs/02_models.ipynb #6a989431
 class TransformerStack(nn.Module):
-    "Positions, dropout, the blocks and (unless the last block is Post-LN) a final LayerNorm: (B, T, d) -> (B, T, d)."
+    "Positions, dropout, the blocks, a final LayerNorm (unless the last is Post-LN): (B, T, d) -> (B, T, d)."
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -284,7 +284,7 @@ class Encoder(nn.Module):
 
 # %% ../nbs/02_models.ipynb #5a9458c8
 class MLMHead(nn.Module):
-    "Dense + GELU + LayerNorm, then logits over the vocabulary through `embedding`'s (tied) weight plus a bias."
+    "Dense + GELU + LayerNorm, then vocabulary logits through `embedding`'s (tied) weight plus a bias."
 
     def __init__(self, cfg: TransformerConfig, embedding: nn.Embedding):
         super().__init__()
@@ -327,7 +327,7 @@ def unpatchify(patches: torch.Tensor, patch: int, channels: int, height: int, wi
 
 # %% ../nbs/02_models.ipynb #c970e804
 def sincos_positions_2d(grid: int, dim: int, base: float = 10000.0) -> torch.Tensor:
-    "Fixed 2-D sine-cosine positions (grid * grid, dim) in row-major patch order: dim/2 for the row, dim/2 for the column."
+    "Fixed 2-D sine-cosine positions (grid * grid, dim), row-major: dim/2 for the row, dim/2 for the column."
     if dim % 4:
         raise PretrainNbError(f"2-D sine-cosine positions need a width divisible by 4, not {dim}.")
     freqs = base ** (-torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
@@ -341,7 +341,7 @@ def sincos_positions_2d(grid: int, dim: int, base: float = 10000.0) -> torch.Ten
 
 # %% ../nbs/02_models.ipynb #a0dcbc52
 def random_masking(batch: int, n_patches: int, mask_ratio: float, device=None):
-    "Per-sample random masks: keep (B, n_keep) visible indices, mask (B, N) True where hidden, restore (B, N)."
+    "Random masks per sample: keep (B, n_keep) visible indices, mask (B, N) True = hidden, restore (B, N)."
     if not 0 <= mask_ratio < 1:
         raise PretrainNbError(f"mask_ratio must lie in [0, 1), not {mask_ratio}.")
     n_keep = n_patches - round(mask_ratio * n_patches)
@@ -364,7 +364,7 @@ VIT_POSITIONS = ("learned", "sincos", "none")
 
 
 class PatchPositions(nn.Module):
-    "Position vectors of a ViT's tokens: one per grid place, and one for the class token when they are learned."
+    "Position vectors of a ViT's tokens: one per grid place, and one for the class token when learned."
 
     def __init__(self, kind: str, grid: int, dim: int, class_token: bool = True, rows: int = 0):
         super().__init__()

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .core import PretrainNbError
+from .core import PretrainNbError, settings_from
 
 # %% auto #0
 __all__ = ['Schedule', 'SCHEDULES', 'constant', 'warmup_cosine', 'warmup_stable_decay', 'piecewise', 'make_schedule',
@@ -244,7 +244,8 @@ def train(
     micro = cfg.micro_batch_size or per_process
     if cfg.batch_size % world or per_process % micro:
         raise PretrainNbError(
-            f"batch_size {cfg.batch_size} must split evenly into {world} process(es) x micro-batches of {micro}."
+            f"batch_size {cfg.batch_size} must split evenly into {world} process(es) "
+            f"x micro-batches of {micro}."
         )
     accumulation = per_process // micro
     n = _n_examples(data)
@@ -323,6 +324,11 @@ class RunSettings:
     warmup_steps: int | None = None  # None: a tenth of the steps, at least 1
     eval_every: int | None = None  # None: n_evals evaluations, evenly spaced
     n_evals: int = 10
+
+    @classmethod
+    def from_settings(cls, settings: dict):
+        "The settings a dict names (a job's keyword arguments); an unknown key is one sentence."
+        return settings_from(cls, settings)
 
     def total_steps(self) -> int:
         "Optimizer steps of the run (a family that counts epochs or FLOPs overrides this)."

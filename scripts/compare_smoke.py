@@ -24,7 +24,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # keys whose values are clock readings, not results: they differ between two runs of the same code
-TIMING_KEYS = ("seconds", "wall_time", "time_s", "throughput", "per_s", "s_per_step", "elapsed")
+TIMING_KEYS = (
+    "seconds",
+    "wall_time",
+    "time_s",
+    "throughput",
+    "per_s",
+    "s_per_step",
+    "elapsed",
+    "speed",
+    "peak_memory",
+)
 
 
 def is_timing(key: str) -> bool:
@@ -58,8 +68,8 @@ def measured(record: dict) -> dict[str, object]:
     return flatten({"metrics": record["metrics"], "claims": claims, "figures": record["figures"]})
 
 
-def compare(before: Path, after: Path, renamed: dict[str, str]) -> list[str]:
-    "One line per notebook: identical (with the number of values compared) or the values that differ."
+def compare(before: Path, after: Path, renamed: dict[str, str]) -> tuple[list[str], int]:
+    "A line per notebook: identical (with the number of values compared) or what differs; and the failures."
     lines, failures = [], 0
     old = {p.parent.name: p for p in sorted(before.glob("*/results.json"))}
     new = {p.parent.name: p for p in sorted(after.glob("*/results.json"))}
@@ -83,7 +93,7 @@ def compare(before: Path, after: Path, renamed: dict[str, str]) -> list[str]:
     for name in sorted(set(new) - {renamed.get(n, n) for n in old}):
         lines.append(f"{name:<36} new after (nothing to compare)")
     lines.append(f"{len(old) - failures} of {len(old)} notebooks identical")
-    return lines
+    return lines, failures
 
 
 def run_smoke(rev: str, runs: Path) -> Path:
@@ -123,9 +133,9 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="compare-smoke-runs-"))
     before = args.before_runs or run_smoke(args.before, work / "before")
     after = args.after_runs or run_smoke(args.after, work / "after")
-    lines = compare(before, after, renamed_at(None))
+    lines, failures = compare(before, after, renamed_at(None))
     print("\n".join(lines))
-    return 0 if lines[-1].startswith(f"{len(list(before.glob('*/results.json')))} of") else 1
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -44,7 +44,10 @@ def test_list_shows_notebooks_papers_and_budgets():
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["report", "--profile", "nope"], "Unknown profile 'nope'"),
         (["run", "_template", "--seed", "x"], "invalid int value: 'x'"),
-    (["run", "14_contrastive"], "Notebook '14_contrastive' is now '12_contrastive' (the notebooks are numbered by part)"),
+        (
+            ["run", "14_contrastive"],
+            "Notebook '14_contrastive' is now '12_contrastive' (the notebooks are numbered by part)",
+        ),
     ],
 )
 def test_mistakes_are_one_sentence(args, message):

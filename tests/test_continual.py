@@ -1,4 +1,5 @@
-"""The continual pre-training notebook's pieces (pretrain_nb.continual): schedules, replay, quality, averaging, one phase."""
+"""The continual pre-training notebook's pieces (pretrain_nb.continual): schedules, replay, quality,
+averaging, one phase and its result."""
 
 import numpy as np
 import pytest
@@ -17,17 +18,15 @@ from pretrain_nb.continual import (
     train_phase,
 )
 from pretrain_nb.core import PretrainNbError, load_profile
-from pretrain_nb.training import batch_indices, warmup_cosine
+from pretrain_nb.training import RunResult, batch_indices, warmup_cosine
 
 
 def test_rewarm_cosine_breakpoints_and_continuity():
     s = rewarm_cosine(total=100, warmup=10, peak=0.5, start=0.1, floor=0.2)
-    assert s(0) == pytest.approx(0.1 + 0.4 / 10) and s(9) == pytest.approx(
-        0.5
-    )  # linear from the old rate to the peak
-    assert s(10) == pytest.approx(0.5) and s(99) == pytest.approx(
-        0.2 * 0.5
-    )  # cosine from the peak to floor * peak
+    # linear from the old rate to the peak
+    assert s(0) == pytest.approx(0.1 + 0.4 / 10) and s(9) == pytest.approx(0.5)
+    # cosine from the peak to floor * peak
+    assert s(10) == pytest.approx(0.5) and s(99) == pytest.approx(0.2 * 0.5)
     values = np.array([s(t) for t in range(100)])
     assert np.all(np.diff(values[:10]) > 0) and np.all(np.diff(values[10:]) <= 1e-12)
     assert np.abs(np.diff(values)).max() < 0.05  # no jumps
@@ -50,9 +49,8 @@ def test_infinite_schedule_and_annealed():
     s = infinite_schedule(warmup=10, cooldown=40, level=0.4)
     assert s(9) == pytest.approx(1.0) and s(10) == pytest.approx(1.0) and s(50) == pytest.approx(0.4)
     assert all(s(t) == pytest.approx(0.4) for t in (60, 1000, 10**6))  # constant for ever
-    assert (
-        max(abs(s(t + 1) - s(t)) for t in range(200)) <= 0.1 + 1e-9
-    )  # the warmup's own increments are the largest steps
+    # the warmup's own increments are the largest steps
+    assert max(abs(s(t + 1) - s(t)) for t in range(200)) <= 0.1 + 1e-9
     a = annealed(s, start=100, steps=20, floor=0.0)
     assert all(a(t) == s(t) for t in range(100))
     assert a(100) == pytest.approx(0.4 * (1 - 1 / 20)) and a(119) == pytest.approx(0.0) and a(500) == 0.0
@@ -64,10 +62,10 @@ def test_replay_mix_gives_the_ratio_exactly_and_spreads_it_over_batches():
     new, old = torch.zeros(5000, 3, dtype=torch.long), torch.ones(5000, 3, dtype=torch.long)
     blocks, is_old = replay_mix(new, old, n=3200, ratio=0.2, seed=1)
     assert len(blocks) == 3200 and int(is_old.sum()) == 640 and torch.equal(blocks[:, 0].bool(), is_old)
-    shares = torch.stack(
-        [is_old[batch_indices(s, 3200, 32, seed=0)].float().mean() for s in range(100)]
-    )  # one epoch
-    # over an epoch the batches hold exactly the ratio; within a batch it varies like sampling without replacement
+    # the share of old blocks in each batch of one epoch
+    shares = torch.stack([is_old[batch_indices(s, 3200, 32, seed=0)].float().mean() for s in range(100)])
+    # over an epoch the batches hold exactly the ratio; within a batch it varies like sampling
+    # without replacement
     assert (
         shares.mean().item() == pytest.approx(0.2, abs=1e-6)
         and 0.04 < shares.std().item() < 0.1
@@ -85,9 +83,9 @@ def test_noise_graded_changes_tokens_in_proportion_to_the_level():
     noisy, level = noise_graded(clean, max_noise=0.5, vocab_size=100, seed=3)
     changed = (noisy != 0).float().mean(1)
     expected = 0.5 * level * (1 - 1 / 100)  # a random token equals the original one time in 100
-    assert torch.allclose(
-        changed, expected, atol=0.05
-    )  # binomial spread: sd about 0.01 per block and level.min() >= 0 and level.max() <= 1
+    # binomial spread: sd about 0.01 per block
+    assert torch.allclose(changed, expected, atol=0.05)
+    assert level.min() >= 0 and level.max() <= 1
     assert torch.equal(noisy, noise_graded(clean, 0.5, 100, seed=3)[0]) and not torch.equal(
         noisy, noise_graded(clean, 0.5, 100, seed=4)[0]
     )
@@ -120,9 +118,8 @@ def test_phase_blocks_subsets_quality_and_order():
     data = fake_data()
     full, shuffle = phase_blocks(PhaseRun(steps=10, batch_size=16), data, seed=0)
     assert full.shape == (160, 8) and shuffle
-    assert not torch.equal(
-        full, phase_blocks(PhaseRun(steps=10, batch_size=16), data, seed=1)[0]
-    )  # the seed picks the pool
+    # the seed picks the pool
+    assert not torch.equal(full, phase_blocks(PhaseRun(steps=10, batch_size=16), data, seed=1)[0])
     subset, _ = phase_blocks(PhaseRun(steps=10, batch_size=16, subset_epochs=4), data, seed=0)
     assert torch.equal(subset, full[:40])  # a random quarter of the same pool
     noisy, level = noise_graded(full, 0.5, 16, seed=0)
@@ -131,15 +128,13 @@ def test_phase_blocks_subsets_quality_and_order():
     top, _ = phase_blocks(
         PhaseRun(steps=10, batch_size=16, max_noise=0.5, subset_epochs=4, quality="top"), data, seed=0
     )
-    assert sorted(map(tuple, top.tolist())) == sorted(
-        map(tuple, noisy[level.argsort()[:40]].tolist())
-    )  # the cleanest quarter
+    # the cleanest quarter
+    assert sorted(map(tuple, top.tolist())) == sorted(map(tuple, noisy[level.argsort()[:40]].tolist()))
     ascending, shuffle = phase_blocks(
         PhaseRun(steps=10, batch_size=16, max_noise=0.5, quality="ascending"), data, seed=0
     )
-    assert not shuffle and torch.equal(
-        ascending, noisy[level.argsort(descending=True)]
-    )  # noisiest first, in order
+    # noisiest first, in order
+    assert not shuffle and torch.equal(ascending, noisy[level.argsort(descending=True)])
     mixed, _ = phase_blocks(PhaseRun(steps=10, batch_size=16, replay=0.25), data, seed=0)
     in_a = {tuple(r) for r in data["A"]["train"].tolist()}
     assert sum(tuple(r) in in_a for r in mixed.tolist()) == 40
@@ -159,25 +154,23 @@ def test_train_phase_branch_is_an_exact_resume():
     settings = TINY | dict(schedule="infinite", level=0.5, anneal_steps=4)
     straight = train_phase(settings, seed=0, profile=profile)
     branched = train_phase(settings, seed=0, profile=profile, branch_at=8)
-    assert straight["final"] == branched["final"] and straight["history"] == branched["history"]
-    assert all(torch.equal(straight["state"][k], branched["state"][k]) for k in straight["state"])
-    assert not all(torch.equal(branched["branch_state"][k], branched["state"][k]) for k in branched["state"])
-    assert branched["lr"][7] == pytest.approx(0.5 * 3e-3) and branched["lr"][-1] == pytest.approx(0.0)
-    assert straight["history"]["step"] == [0, 4, 8, 12]  # the loss before training is the first point
+    assert straight.final == branched.final and straight.history == branched.history
+    assert all(torch.equal(straight.state[k], branched.state[k]) for k in straight.state)
+    assert not all(torch.equal(branched.branch_state[k], branched.state[k]) for k in branched.state)
+    assert straight.branch_state is None and straight.final_averaged is None
+    assert branched.lr[7] == pytest.approx(0.5 * 3e-3) and branched.lr[-1] == pytest.approx(0.0)
+    assert straight.history["step"] == [0, 4, 8, 12]  # the loss before training is the first point
+    assert isinstance(straight, RunResult) and straight.run == PhaseRun(**settings) and straight.seed == 0
 
 
 def test_train_phase_continues_from_weights_and_averages():
     profile = load_profile("smoke")
     first = train_phase(TINY | dict(domain="A", schedule="rewarm", start=0.0), seed=0, profile=profile)
     cont = train_phase(
-        TINY | dict(domain="B"), seed=0, profile=profile, init_state=first["state"], average_last=2
+        TINY | dict(domain="B"), seed=0, profile=profile, init_state=first.state, average_last=2
     )
-    assert cont["history"]["loss_A"][0] == pytest.approx(
-        first["final"]["loss_A"], rel=1e-6
-    )  # starts where A ended
-    assert (
-        set(cont["final_averaged"]) == {"loss_A", "loss_B", "loss_C"}
-        and cont["final_averaged"] != cont["final"]
-    )
+    # starts where A ended
+    assert cont.history["loss_A"][0] == pytest.approx(first.final["loss_A"], rel=1e-6)
+    assert set(cont.final_averaged) == {"loss_A", "loss_B", "loss_C"} and cont.final_averaged != cont.final
     with pytest.raises(PretrainNbError, match="Unknown PhaseRun setting 'domian'"):
         train_phase(TINY | dict(domian="B"), seed=0, profile=profile)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from pretrain_nb.core import PretrainNbError, load_profile
 from pretrain_nb.contrastive import (
+    ContrastiveRun,
     SimCLR,
     SmallCNN,
     brightness_contrast,
@@ -66,14 +67,12 @@ def test_losses_ignore_batch_order_and_send_gradients_to_both_views(loss):
     z1, z2 = torch.randn(6, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True)
     perm = torch.randperm(6)
     assert torch.allclose(loss(z1, z2, 0.5), loss(z1[perm], z2[perm], 0.5), atol=1e-6)
-    assert torch.allclose(
-        loss(z1, z2, 0.5), loss(z2, z1, 0.5), atol=1e-6
-    )  # the two views play symmetric roles
+    # the two views play symmetric roles
+    assert torch.allclose(loss(z1, z2, 0.5), loss(z2, z1, 0.5), atol=1e-6)
     loss(z1, z2, 0.5).backward()
     assert z1.grad.abs().sum() > 0 and z2.grad.abs().sum() > 0
-    aligned = F.normalize(
-        z1.detach() + 0.05 * torch.randn(6, 8), dim=1
-    )  # pairing each view with another image's view must cost more
+    # pairing each view with another image's view must cost more
+    aligned = F.normalize(z1.detach() + 0.05 * torch.randn(6, 8), dim=1)
     assert loss(z1.detach(), aligned, 0.5) < loss(z1.detach(), aligned[torch.roll(torch.arange(6), 1)], 0.5)
 
 
@@ -118,9 +117,8 @@ def test_crop_of_the_whole_image_is_the_identity_and_blur_preserves_constants():
     img = torch.zeros(1, 1, 28, 28)
     img[..., 14, 14] = 1
     blurred = gaussian_blur(img, sigma=(1.0, 1.0), p=1.0)
-    assert blurred[..., 14, 14] < 1 and blurred.sum().item() == pytest.approx(
-        1.0, rel=1e-5
-    )  # a normalized kernel
+    # a normalized kernel
+    assert blurred[..., 14, 14] < 1 and blurred.sum().item() == pytest.approx(1.0, rel=1e-5)
     erased = random_erasing(torch.ones(16, 1, 28, 28), p=1.0, area=(0.1, 0.1))
     frac = 1 - erased.flatten(1).mean(1)
     assert ((frac > 0.05) & (frac < 0.16)).all()
@@ -155,7 +153,43 @@ def test_one_pretraining_run_repeats_exactly():
     except PretrainNbError as e:
         pytest.skip(f"Fashion-MNIST is not installed here: {e}")
     b = pretrain_contrastive(seed=0, profile=load_profile("smoke"), **settings)
-    assert a["steps"] == 4 and a["knn_pre"] == b["knn_pre"] and a["final_loss"] == b["final_loss"]
-    assert 0 <= a["knn_pre"] <= 1 and a["embedding_pre"].shape == (40, 2)
+    assert a.run.total_steps() == 4 and a.history["step"] == [4], "4 steps, one evaluation at the end"
+    assert a.knn_pre == b.knn_pre and a.final_loss == b.final_loss and a.run.loss == "DCL"
+    assert 0 <= a.knn_pre <= 1 and a.embedding_pre.shape == (40, 2) and a.weights is None
     with pytest.raises(PretrainNbError, match="valid ContrastiveRun settings"):
         pretrain_contrastive(seed=0, profile=load_profile("smoke"), batchsize=16)
+
+
+def test_run_settings_keep_the_defaults_and_count_steps_from_epochs():
+    from pretrain_nb.training import TrainConfig
+
+    run = ContrastiveRun()
+    assert (run.batch_size, run.lr, run.weight_decay, run.epochs, run.loss, run.temperature) == (
+        256,
+        1e-3,
+        1e-4,
+        2.0,
+        "InfoNCE",
+        0.5,
+    )
+    assert (run.dataset, run.n_pretrain, run.n_probe_train, run.n_probe_test) == (
+        "fashion-mnist",
+        10_000,
+        5_000,
+        2_000,
+    )
+    assert run.total_steps() == round(2.0 * 10_000 / 256) and ContrastiveRun(steps=7).total_steps() == 7
+    # the TrainConfig the run function used before the shared RunSettings, field by field
+    small = ContrastiveRun(n_pretrain=512, batch_size=16, epochs=1.0, lr=2e-3)
+    steps = small.total_steps()
+    assert small.train_config(3) == TrainConfig(
+        steps=steps,
+        batch_size=16,
+        lr=2e-3,
+        weight_decay=1e-4,
+        schedule="cosine",
+        warmup_steps=max(1, steps // 10),
+        eval_every=steps,
+        seed=3,
+        progress=False,
+    )

@@ -43,8 +43,12 @@ def test_every_settings_key_has_a_comment():
     lines = (ROOT / "settings.ini").read_text().splitlines()
     start = lines.index("[DEFAULT]")
     end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("["))
-    keys = [(i, l) for i, l in enumerate(lines[start:end], start) if "=" in l and not l.startswith("#")]
-    assert [l.split("=")[0].strip() for _, l in keys] == list(_PROFILE_KEYS)
+    keys = [
+        (i, line)
+        for i, line in enumerate(lines[start:end], start)
+        if "=" in line and not line.startswith("#")
+    ]
+    assert [line.split("=")[0].strip() for _, line in keys] == list(_PROFILE_KEYS)
     for i, line in keys:
         assert lines[i - 1].startswith("# "), f"settings.ini line {i + 1} ({line!r}) has no comment above it"
 
@@ -133,7 +137,8 @@ def test_same_seed_same_numbers_on_cpu():
 
 
 def _train_job(seed, profile):
-    "A job for map_runs: a few seeded SGD steps in whatever process runs it; returns the weights, pid and threads."
+    """A job for map_runs: a few seeded SGD steps in whatever process runs it; returns the weights, pid and
+    threads."""
     import os
 
     gen = seed_everything(seed)
@@ -152,7 +157,8 @@ _defined_in_a_notebook.__module__ = "__main__"  # as a function defined in a not
 
 
 def test_map_runs_in_processes_matches_one_after_another():
-    import dataclasses, os
+    import dataclasses
+    import os
 
     standard = load_profile("standard")
     assert standard.parallel_runs == 2

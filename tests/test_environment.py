@@ -27,7 +27,10 @@ def test_environment_matches_pyproject():
     assert py.replace("python", "").lstrip("=>") >= project["requires-python"].lstrip(">=")
     listed = {_name(r): r.replace(" ", "") for r in pip if not r.startswith("-e")}
     wanted = {_name(r): r.replace(" ", "") for r in reqs}
+    only_env = set(listed.items()) - set(wanted.items())
+    only_pyproject = set(wanted.items()) - set(listed.items())
     assert listed == wanted, (
-        f"environment.yml and pyproject.toml differ: only in environment.yml {set(listed.items()) - set(wanted.items())}, only in pyproject {set(wanted.items()) - set(listed.items())}"
+        f"environment.yml and pyproject.toml differ: only in environment.yml {only_env}, "
+        f"only in pyproject {only_pyproject}"
     )
     assert any(r.startswith("-e") and "." in r for r in pip), "environment.yml must install this project"

@@ -1,4 +1,5 @@
-"""Probes, fine-tuning, perplexity, power-law fits (pretrain_nb.evaluation) on problems whose answer is known."""
+"""Probes, fine-tuning, perplexity, power-law fits (pretrain_nb.evaluation) on problems whose answer is
+known."""
 
 import numpy as np
 import pytest
@@ -43,7 +44,8 @@ def test_probes_are_at_chance_on_noise():
 
 
 def test_attentive_probe_finds_the_informative_token():
-    "One token of 8 carries the label and a marker; averaging the tokens drowns it, attention can pick it out."
+    """One token of 8 carries the label and a marker; averaging the tokens drowns it, attention can pick it
+    out."""
     g = torch.Generator().manual_seed(0)
     y = torch.randint(2, (1000,), generator=g)
     tokens = 3 * torch.randn(1000, 8, 16, generator=g)

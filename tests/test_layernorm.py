@@ -9,6 +9,7 @@ from torch import nn
 from pretrain_nb.core import PretrainNbError, load_profile
 from pretrain_nb.layernorm import (
     FixedScaleNorm,
+    PlacementRun,
     angular_distance,
     fixed_subset,
     layer_grad_norms,
@@ -61,11 +62,13 @@ def test_stream_profile_matches_a_hand_forward_pass():
     prof = stream_profile(model, IDX)
     with torch.no_grad():
         x = model.tok_emb(IDX) + model.trunk.pos_emb[:, :8]
-        for l, block in enumerate(model.trunk.blocks):
+        for layer, block in enumerate(model.trunk.blocks):
             y = block(x)
-            assert prof["variance"][l] == pytest.approx(y.var(-1, unbiased=False).mean().item(), rel=1e-5)
+            assert prof["variance"][layer] == pytest.approx(y.var(-1, unbiased=False).mean().item(), rel=1e-5)
             cos = ((x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1))).clamp(-1, 1)
-            assert prof["angle"][l] == pytest.approx((torch.arccos(cos) / math.pi).mean().item(), rel=1e-4)
+            assert prof["angle"][layer] == pytest.approx(
+                (torch.arccos(cos) / math.pi).mean().item(), rel=1e-4
+            )
             x = y
 
 
@@ -129,10 +132,11 @@ def test_removal_stages_group_by_block_and_end_with_the_final_norm():
         "trunk.blocks.0.ln1_out",
         "trunk.blocks.0.ln2_out",
     ]
+    # no final norm
     assert removal_stages(tiny_gpt("post"))[-1] == [
         "trunk.blocks.2.ln1",
         "trunk.blocks.2.ln2",
-    ]  # no final norm
+    ]
 
 
 def test_remove_layernorms_removes_all_and_finetunes_after_each_stage():
@@ -147,9 +151,8 @@ def test_remove_layernorms_removes_all_and_finetunes_after_each_stage():
     assert layernorm_names(model) == [] and sum(isinstance(m, FixedScaleNorm) for m in model.modules()) == 7
     assert calls == [(1, 5), (2, 3), (3, 1), (4, 0)], "fine-tune once per stage, after that stage's swap"
     assert table.layernorms_left.tolist() == [7, 5, 3, 1, 0]
-    assert (
-        abs(table.loss.iloc[-1] - table.loss.iloc[0]) < 0.5
-    )  # calibrated scales keep the untrained model close
+    # calibrated scales keep the untrained model close
+    assert abs(table.loss.iloc[-1] - table.loss.iloc[0]) < 0.5
 
 
 def test_train_placement_records_diagnostics_and_repeats_exactly():
@@ -172,13 +175,12 @@ def test_train_placement_records_diagnostics_and_repeats_exactly():
         train_placement(seed=0, profile=prof, **settings),
         train_placement(seed=0, profile=prof, **settings),
     )
-    h = a["history"]
-    assert h.step.tolist() == [2, 4]
-    assert {"val_loss", "grad_norm_0", "grad_norm_1", "variance_1", "angle_0"} <= set(h.columns) and a[
-        "skip"
-    ].shape == (2,)
-    assert h.equals(b["history"]), "same seed, same numbers"
-    assert not h.val_loss.equals(train_placement(seed=1, profile=prof, **settings)["history"].val_loss)
+    h = a.history_frame()
+    assert h.step.tolist() == [2, 4] and h.norm.tolist() == ["mix", "mix"] and a.run.mix_post_fraction == 0.5
+    assert {"val_loss", "grad_norm_0", "grad_norm_1", "variance_1", "angle_0"} <= set(h.columns)
+    assert a.skip.shape == (2,) and a.weights is None
+    assert h.equals(b.history_frame()), "same seed, same numbers"
+    assert not h.val_loss.equals(train_placement(seed=1, profile=prof, **settings).history_frame().val_loss)
     with pytest.raises(PretrainNbError, match="valid.*n_layers"):
         train_placement(seed=0, profile=prof, depth=3)
 
@@ -195,7 +197,8 @@ def test_fixed_subset_ignores_the_global_random_state():
 
 
 def test_the_sweep_functions_run_in_spawned_processes():
-    "The notebooks' standard profile runs train_placement two at a time in fresh processes: same numbers as in-process."
+    """The notebooks' standard profile runs train_placement two at a time in fresh processes: same numbers
+    as in-process."""
     import dataclasses
     from pretrain_nb.core import map_runs
 
@@ -218,8 +221,33 @@ def test_the_sweep_functions_run_in_spawned_processes():
         together = map_runs(train_placement, jobs, standard)
         alone = map_runs(train_placement, jobs, dataclasses.replace(standard, parallel_runs=1, cpu_threads=1))
     finally:
-        torch.set_num_threads(
-            threads
-        )  # the in-process runs set one thread; give the rest of the session its threads back
+        # the in-process runs set one thread; give the rest of the session its threads back
+        torch.set_num_threads(threads)
     for a, b in zip(together, alone):
-        assert a["history"].equals(b["history"]) and (a["skip"] == b["skip"]).all()
+        assert a.history_frame().equals(b.history_frame()) and (a.skip == b.skip).all()
+
+
+def test_placement_run_keeps_the_defaults_and_the_train_config():
+    from pretrain_nb.training import TrainConfig
+
+    run = PlacementRun()
+    assert (run.n_layers, run.d_model, run.n_heads, run.block_size, run.norm) == (12, 64, 4, 64, "pre")
+    # the TrainConfig the run function used before the shared RunSettings, field by field
+    assert run.train_config(5) == TrainConfig(
+        steps=300,
+        batch_size=32,
+        lr=2e-3,
+        warmup_steps=30,
+        schedule="cosine",
+        eval_every=25,
+        seed=5,
+        progress=False,
+    )
+    cfg = PlacementRun(norm="mix", mix_post_fraction=0.5).model_config(vocab_size=88)
+    assert (cfg.vocab_size, cfg.n_layers, cfg.d_model, cfg.norm, cfg.mix_post_fraction) == (
+        88,
+        12,
+        64,
+        "mix",
+        0.5,
+    )

@@ -1,4 +1,5 @@
-"""Language-model objectives (pretrain_nb.lm_objectives): corruption statistics, ELECTRA's labels and gradients, FLOPs, one run."""
+"""Language-model objectives (pretrain_nb.lm_objectives): corruption statistics, ELECTRA's labels and
+gradients, FLOPs, the objectives' table, the probe data, one run."""
 
 import math
 
@@ -6,22 +7,20 @@ import pytest
 import torch
 
 from pretrain_nb.core import PretrainNbError, load_profile
+from pretrain_nb.data import MASK_ID, N_SPECIAL, PAD_ID, STATEMENT_KINDS, code_blocks, statement_kind_lines
 from pretrain_nb.lm_objectives import (
-    MASK_ID,
-    N_SPECIAL,
     OBJECTIVES,
-    PAD_ID,
-    STATEMENT_KINDS,
     Electra,
+    ObjectiveResult,
+    ObjectiveRun,
     generator_config,
+    get_objective,
     mlm_corrupt,
-    objective_loss,
-    objective_model,
+    objective_data,
     pretrain_objective,
     replaced_labels,
     select_positions,
     substitute_random,
-    train_flops_per_token,
 )
 from pretrain_nb.models import TransformerConfig
 
@@ -88,7 +87,7 @@ def test_substitution_and_the_equal_sample_counts_as_original_rule():
 def test_electra_shares_embeddings_and_the_discriminator_loss_does_not_train_the_generator():
     cfg = TransformerConfig(vocab_size=V, d_model=32, n_layers=1, n_heads=4)
     torch.manual_seed(0)
-    model = objective_model("electra", cfg)
+    model = get_objective("electra").model(cfg)
     assert isinstance(model, Electra) and model.generator.embedding is model.discriminator.encoder.tok_emb
     assert generator_config(cfg).d_model == 8
     x = _tokens(8, 32)
@@ -96,7 +95,7 @@ def test_electra_shares_embeddings_and_the_discriminator_loss_does_not_train_the
     for weight in (0.0, 50.0):
         model.zero_grad()
         torch.manual_seed(5)
-        objective_loss("electra", V, disc_weight=weight)(model, x).backward()
+        get_objective("electra").loss_fn(V, disc_weight=weight)(model, x).backward()
         grads.append(
             torch.cat(
                 [
@@ -114,7 +113,7 @@ def test_electra_shares_embeddings_and_the_discriminator_loss_does_not_train_the
 
 def test_flops_rank_the_objectives_and_count_the_generator():
     cfg = TransformerConfig(vocab_size=512, d_model=64, n_layers=3, n_heads=4)
-    f = {o: train_flops_per_token(o, cfg, 64) for o in OBJECTIVES}
+    f = {o: objective.flops_per_token(cfg, 64) for o, objective in OBJECTIVES.items()}
     assert f["rts"] < f["clm"] < f["mlm"] == f["slm"] < f["electra"]
     g = generator_config(cfg)
     gen = (
@@ -123,7 +122,25 @@ def test_flops_rank_the_objectives_and_count_the_generator():
     )
     assert math.isclose(f["electra"] - f["rts"], gen)
     with pytest.raises(PretrainNbError, match="valid objectives are"):
-        objective_model("t5", cfg)
+        get_objective("t5")
+
+
+def test_steps_come_from_the_flop_budget_unless_given():
+    runs = {o: ObjectiveRun(objective=o) for o in OBJECTIVES}
+    cfg = runs["mlm"].model_config()
+    for o, run in runs.items():
+        tokens = run.batch_size * run.block_size
+        assert run.total_steps() == round(
+            run.budget_flops / (get_objective(o).flops_per_token(cfg, 64) * tokens)
+        )
+        tcfg = run.train_config(seed=1)
+        assert (tcfg.steps, tcfg.eval_every, tcfg.warmup_steps) == (
+            run.total_steps(),
+            run.total_steps() // 4,
+            run.total_steps() // 10,
+        )
+    assert ObjectiveRun(steps=7).total_steps() == 7
+    assert ObjectiveRun(budget_flops=1.0).total_steps() == 4  # at least one step per probe
 
 
 def test_every_objective_trains_and_a_run_repeats_exactly():
@@ -141,18 +158,14 @@ def test_every_objective_trains_and_a_run_repeats_exactly():
     )
     a = pretrain_objective(seed=0, profile=smoke, objective="electra", **settings)
     b = pretrain_objective(seed=0, profile=smoke, objective="electra", **settings)
-    assert (
-        a["history"]["train_loss"] == b["history"]["train_loss"]
-        and a["final_accuracy"] == b["final_accuracy"]
-    )
-    assert 0 <= a["final_accuracy"] <= 1 and a["steps"] >= 1
+    assert isinstance(a, ObjectiveResult) and a.run.objective == "electra" and a.seed == 0
+    assert a.history["train_loss"] == b.history["train_loss"] and a.final_accuracy == b.final_accuracy
+    assert 0 <= a.final_accuracy <= 1 and a.steps >= 1
     for o in ("clm", "mlm", "rts", "slm"):
         assert math.isfinite(
-            pretrain_objective(seed=0, profile=smoke, objective=o, **settings)["history"]["train_loss"][-1]
+            pretrain_objective(seed=0, profile=smoke, objective=o, **settings).history["train_loss"][-1]
         )
-    from pretrain_nb.lm_objectives import code_data
-
-    data = code_data(512, 32, 10, per_class=15)
+    data = objective_data(512, 32, 10, 15)
     labels = data["probe_test"][2]
     assert (
         len(labels) <= 15 * len(STATEMENT_KINDS)
@@ -161,3 +174,12 @@ def test_every_objective_trains_and_a_run_repeats_exactly():
     )
     with pytest.raises(PretrainNbError, match="valid ObjectiveRun settings"):
         pretrain_objective(seed=0, profile=smoke, objectve="mlm")
+
+
+def test_the_probe_data_are_the_packages_code_blocks_and_statement_lines():
+    data = objective_data(512, 32, 10, 15)
+    code = code_blocks(512, 32, 10)
+    lines = statement_kind_lines(code["tokenizer"], per_class=15)
+    assert torch.equal(data["blocks"], code["blocks"]) and data["vocab_size"] == code["vocab_size"]
+    for split in ("probe_train", "probe_test"):
+        assert all(torch.equal(a, b) for a, b in zip(data[split], lines[split]))

@@ -1,4 +1,7 @@
-"""Masked image modeling (pretrain_nb.mim_mae): masking, the encoder's positions, MAE, MR-MAE's mimic loss, EP and one run."""
+"""Masked image modeling (pretrain_nb.mim_mae): MAE, MR-MAE's mimic loss, EP, and one run of each kind.
+Masking, positions and the encoder are pretrain_nb.models' blocks (tests/test_models.py)."""
+
+import math
 
 import pytest
 import torch
@@ -9,42 +12,21 @@ from pretrain_nb.evaluation import attentive_probe
 from pretrain_nb.mim_mae import (
     MAE,
     EfficientProbe,
-    PatchEncoder,
-    gather_tokens,
+    EncoderEvaluation,
+    MAEResult,
+    MAERun,
+    MeanPoolProbe,
+    evaluate_encoder,
     mae_step_loss,
     masked_patch_loss,
-    mim_job,
     mimic_loss,
     normalize_patches,
-    random_masking,
-    sincos_positions_2d,
+    pretrain_mae,
 )
-from pretrain_nb.models import TransformerConfig, patchify, unpatchify
+from pretrain_nb.models import TransformerConfig, ViT, patchify, random_masking, unpatchify
 
 CFG = TransformerConfig(d_model=32, n_layers=2, n_heads=4)
 DEC = TransformerConfig(d_model=16, n_layers=1, n_heads=2)
-
-
-@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.5, 0.75, 0.9])
-def test_masking_hides_exactly_round_ratio_n_per_sample_and_restore_inverts_the_shuffle(ratio):
-    torch.manual_seed(0)
-    N = 49
-    keep, mask, restore = random_masking(64, N, ratio)
-    assert (mask.sum(1) == round(ratio * N)).all() and keep.shape == (64, N - round(ratio * N))
-    assert not mask.gather(1, keep).any()  # the kept patches are exactly the unmasked ones
-    assert torch.equal(torch.sort(keep, 1).values, torch.stack([(~m).nonzero().flatten() for m in mask]))
-    shuffle = restore.argsort(1)
-    ids = torch.arange(N).expand(64, N)
-    assert torch.equal(ids.gather(1, shuffle).gather(1, restore), ids)
-    assert len({tuple(k.tolist()) for k in keep}) > 60  # per-sample masks, not one mask for the batch
-
-
-def test_masking_rejects_ratios_that_leave_nothing_or_are_out_of_range():
-    for bad in (1.0, -0.1):
-        with pytest.raises(PretrainNbError, match=r"mask_ratio must lie in \[0, 1\)"):
-            random_masking(2, 16, bad)
-    with pytest.raises(PretrainNbError, match="leaves no visible patch"):
-        random_masking(2, 16, 0.99)
 
 
 def test_masked_patch_loss_ignores_visible_patches_and_matches_the_formula():
@@ -58,38 +40,6 @@ def test_masked_patch_loss_ignores_visible_patches_and_matches_the_formula():
     assert torch.allclose(
         masked_patch_loss(torch.where(mask[..., None], pred, pred + 10), target, mask), expected, atol=1e-6
     )
-
-
-def test_patchify_round_trip_for_the_mim_patch_sizes():
-    x = torch.rand(2, 3, 28, 28)
-    for p in (4, 7, 14):
-        assert torch.equal(unpatchify(patchify(x, p), p, 3, 28, 28), x)
-
-
-def test_positions_travel_with_their_patches():
-    torch.manual_seed(0)
-    enc = PatchEncoder(CFG).eval()
-    x = torch.rand(2, 1, 28, 28)
-    perm = torch.stack([torch.randperm(16), torch.randperm(16)])
-    full, shuffled = enc(x), enc(x, keep=perm)
-    # attention is permutation-equivariant, so a patch keeps its output wherever it sits in the sequence,
-    # which holds only if its grid position was added before the reordering
-    assert torch.allclose(shuffled[:, 1:], gather_tokens(full[:, 1:], perm), atol=1e-5)
-    assert torch.allclose(shuffled[:, 0], full[:, 0], atol=1e-5)
-    no_pos = PatchEncoder(CFG, positions="none").eval()
-    no_pos.load_state_dict(enc.state_dict())
-    hidden = enc(x, keep=perm, hide_positions=torch.ones(2, 16, dtype=torch.bool))
-    assert torch.allclose(hidden, no_pos(x, keep=perm), atol=1e-5)
-    assert not torch.allclose(hidden, shuffled, atol=1e-3)
-    with pytest.raises(PretrainNbError, match="valid position encodings are"):
-        PatchEncoder(CFG, positions="learned")
-
-
-def test_sincos_positions_are_distinct_and_need_a_width_divisible_by_four():
-    pos = sincos_positions_2d(4, 32)
-    assert pos.shape == (16, 32) and torch.cdist(pos, pos).add(torch.eye(16) * 9).min() > 0.1
-    with pytest.raises(PretrainNbError, match="divisible by 4"):
-        sincos_positions_2d(4, 30)
 
 
 def test_mae_encoder_never_sees_the_masked_patches():
@@ -115,7 +65,7 @@ def test_normalized_targets_have_zero_mean_and_unit_variance_per_patch():
 
 def test_mr_mae_loss_adds_the_mimic_term_and_leaves_the_teacher_frozen():
     torch.manual_seed(0)
-    teacher = PatchEncoder(CFG)
+    teacher = ViT(CFG, positions="sincos")
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = MAE(CFG, DEC, mimic_dim=32)
     x = torch.rand(8, 1, 28, 28)
@@ -152,6 +102,41 @@ def test_efficient_probe_attention_is_a_distribution_and_finds_a_needle():
         EfficientProbe(10, 2, n_queries=4)
 
 
+# MAERun's defaults before it was built on RunSettings, ViTSettings and ImageSettings
+MAE_DEFAULTS = dict(
+    mask_ratio=0.75,
+    norm_pix=False,
+    mimic_weight=0.0,
+    steps=1000,
+    batch_size=128,
+    lr=2e-3,
+    weight_decay=0.05,
+    d_model=64,
+    n_layers=4,
+    n_heads=4,
+    decoder_d_model=32,
+    decoder_layers=1,
+    patch_size=7,
+    dataset="fashion-mnist",
+    n_pretrain=54_000,
+    n_probe_train=6_000,
+    n_probe_test=5_000,
+    probe_steps=1000,
+    ep_queries=4,
+    finetune_steps=500,
+    finetune_lr=2e-3,
+)
+
+
+def test_the_run_defaults_are_those_of_the_mae_runs():
+    run = MAERun()
+    assert {k: getattr(run, k) for k in MAE_DEFAULTS} == MAE_DEFAULTS
+    cfg = run.train_config(seed=3)
+    # a tenth of the steps warms up, twenty evaluations, AdamW's betas as MAE's
+    assert (cfg.schedule, cfg.warmup_steps, cfg.eval_every, cfg.seed) == ("cosine", 100, 50, 3)
+    assert cfg.betas == (0.9, 0.95)
+
+
 def test_one_run_repeats_exactly_and_wrong_settings_are_one_sentence():
     pytest.importorskip("sklearn")
     smoke = load_profile("smoke")
@@ -167,30 +152,26 @@ def test_one_run_repeats_exactly_and_wrong_settings_are_one_sentence():
         n_layers=1,
     )
     try:
-        a = mim_job("pretrain", seed=0, profile=smoke, **settings)
+        a = pretrain_mae(seed=0, profile=smoke, **settings)
     except PretrainNbError as e:
         pytest.skip(f"Fashion-MNIST is not installed here: {e}")
-    b = mim_job("pretrain", seed=0, profile=smoke, **settings)
-    assert (
-        a["final_loss"] == b["final_loss"]
-        and a["recon_error"] == b["recon_error"]
-        and a["shown"]["pasted"].shape == (8, 1, 28, 28)
-    )
-    ev = mim_job(
-        "evaluate", seed=0, profile=smoke, encoder_state=a["encoder"], finetune_fraction=1.0, **settings
-    )
-    assert ev["kind"] == "evaluate" and all(0 <= ev[k] <= 1 for k in ("linear", "ep", "finetune"))
+    b = pretrain_mae(seed=0, profile=smoke, **settings)
+    assert isinstance(a, MAEResult) and a.run == MAERun(**settings) and a.seed == 0
+    assert a.final_loss == b.final_loss and a.recon_error == b.recon_error
+    assert a.shown["pasted"].shape == (8, 1, 28, 28) and a.history["step"][-1] == 4
+    ev = evaluate_encoder(seed=0, profile=smoke, encoder_state=a.encoder, finetune_fraction=1.0, **settings)
+    assert isinstance(ev, EncoderEvaluation) and ev.run.probe_steps == 5
+    assert all(0 <= x <= 1 for x in (ev.linear, ev.ep, ev.linear_adamw, ev.finetune))
+    frozen_only = evaluate_encoder(seed=0, profile=smoke, encoder_state=a.encoder, **settings)
+    assert math.isnan(frozen_only.finetune) and frozen_only.linear == ev.linear
+    assert frozen_only.ep == ev.ep  # the probes do not depend on whether the encoder is fine-tuned after
     with pytest.raises(PretrainNbError, match="needs teacher_state"):
-        mim_job("pretrain", seed=0, profile=smoke, mimic_weight=1.0, **settings)
-    with pytest.raises(PretrainNbError, match="valid MIM job kinds are"):
-        mim_job("distill", seed=0)
+        pretrain_mae(seed=0, profile=smoke, mimic_weight=1.0, **settings)
     with pytest.raises(PretrainNbError, match="valid MAERun settings"):
-        mim_job("pretrain", seed=0, profile=smoke, maskratio=0.5)
+        pretrain_mae(seed=0, profile=smoke, maskratio=0.5)
 
 
 def test_mean_pool_probe_is_a_linear_map_of_the_mean_patch_token():
-    from pretrain_nb.mim_mae import MeanPoolProbe
-
     probe = MeanPoolProbe(8, 3)
     tokens = torch.randn(5, 1 + 4, 8)
     assert torch.allclose(probe(tokens), probe.head(tokens[:, 1:].mean(1)))

@@ -1,4 +1,5 @@
-"""Position prediction (MP3, DropPos) and Selfie (pretrain_nb.mim_pretext): hiding, the losses' targets, and the runs."""
+"""Position prediction (MP3, DropPos) and Selfie (pretrain_nb.mim_pretext): hiding, the losses' targets,
+and the runs."""
 
 import math
 
@@ -7,24 +8,26 @@ import torch
 import torch.nn.functional as F
 
 from pretrain_nb.core import PretrainNbError, load_profile
-from pretrain_nb.mim_mae import PatchEncoder, gather_tokens
 from pretrain_nb.mim_pretext import (
     PositionPredictor,
+    PretextResult,
+    PretextRun,
     Selfie,
+    finetune_fractions,
     hide_random_positions,
     position_confusion,
     position_prediction_loss,
-    pretext_job,
+    pretrain_pretext,
     selfie_accuracy,
     selfie_loss,
 )
-from pretrain_nb.models import TransformerConfig, unpatchify
+from pretrain_nb.models import TransformerConfig, ViT, gather_tokens, unpatchify
 
 CFG = TransformerConfig(d_model=32, n_layers=2, n_heads=4)
 
 
 def _place_coded_images(n: int, seed: int = 0) -> torch.Tensor:
-    "Images whose 7x7 patch at place i has brightness (i + 1) / 17 plus noise: content that says where it belongs."
+    "Images whose 7x7 patch at place i has brightness (i + 1) / 17 plus noise: content that says its place."
     g = torch.Generator().manual_seed(seed)
     level = (torch.arange(16) + 1).float() / 17
     patches = level[None, :, None] + 0.02 * torch.randn(n, 16, 49, generator=g)
@@ -44,7 +47,7 @@ def test_hiding_withholds_an_exact_share_per_row_at_random_places(fraction, expe
 
 def test_without_positions_the_predictor_is_permutation_equivariant():
     torch.manual_seed(0)
-    model = PositionPredictor(PatchEncoder(CFG, positions="none")).eval()
+    model = PositionPredictor(ViT(CFG, positions="none")).eval()
     x = torch.rand(2, 1, 28, 28)
     ident, perm = torch.arange(16).expand(2, 16), torch.stack([torch.randperm(16), torch.randperm(16)])
     # MP3's premise: with no positions, reordering the patches only reorders the predictions
@@ -53,7 +56,7 @@ def test_without_positions_the_predictor_is_permutation_equivariant():
 
 def test_position_loss_targets_the_true_places_so_a_model_can_learn_them():
     torch.manual_seed(0)
-    model = PositionPredictor(PatchEncoder(CFG, positions="none"))
+    model = PositionPredictor(ViT(CFG, positions="none"))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     x = _place_coded_images(64)
     for _ in range(150):
@@ -73,7 +76,7 @@ def test_selfie_scores_the_masked_places_against_the_masked_patches_with_the_dia
     assert torch.allclose(selfie_loss(scores), manual, atol=1e-6)
     assert selfie_accuracy(torch.eye(5).expand(3, 5, 5) * 10) == 1.0
     torch.manual_seed(0)
-    model = Selfie(PatchEncoder(CFG))
+    model = Selfie(ViT(CFG, positions="sincos"))
     assert model(torch.rand(2, 1, 28, 28), 0.75).shape == (2, 12, 12)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     x = _place_coded_images(64)
@@ -87,6 +90,19 @@ def test_selfie_scores_the_masked_places_against_the_masked_patches_with_the_dia
         assert (
             selfie_accuracy(model(_place_coded_images(50, seed=1), 0.75)) > 0.5
         )  # chance is 1/12; only learnable if place i is scored against patch i
+
+
+def test_the_run_defaults_are_those_of_the_pretext_runs():
+    run = PretextRun()
+    assert (run.steps, run.batch_size, run.lr, run.weight_decay) == (1000, 128, 2e-3, 0.05)
+    assert run.mask_ratio == 0.75
+    assert (run.d_model, run.n_layers, run.n_heads, run.patch_size) == (64, 4, 4, 7)
+    assert (run.method, run.position_drop, run.finetune_lr) == ("mp3", 0.75, 2e-3)
+    assert run.finetune_plan == ((0.01, 100), (0.05, 150), (0.25, 250), (1.0, 500))
+    assert (run.n_pretrain, run.n_probe_train, run.n_probe_test) == (54_000, 6_000, 5_000)
+    cfg = run.train_config(seed=1)
+    assert (cfg.warmup_steps, cfg.eval_every, cfg.seed) == (100, 50, 1)
+    assert run.positions == "none" and PretextRun(method="droppos").positions == "sincos"
 
 
 def test_runs_repeat_exactly_fine_tune_on_the_plan_and_refuse_wrong_settings():
@@ -103,43 +119,30 @@ def test_runs_repeat_exactly_fine_tune_on_the_plan_and_refuse_wrong_settings():
         finetune_plan=((0.1, 2), (1.0, 3)),
     )
     try:
-        a = pretext_job("pretext", seed=0, profile=smoke, method="mp3", mask_ratio=0.5, **settings)["result"]
+        a = pretrain_pretext(seed=0, profile=smoke, method="mp3", mask_ratio=0.5, **settings)
     except PretrainNbError as e:
         pytest.skip(f"Fashion-MNIST is not installed here: {e}")
-    b = pretext_job("pretext", seed=0, profile=smoke, method="mp3", mask_ratio=0.5, **settings)["result"]
-    assert (
-        a["final_loss"] == b["final_loss"]
-        and a["confusion"].sum() == 40 * 16
-        and a["placements"].shape == (6, 16)
+    b = pretrain_pretext(seed=0, profile=smoke, method="mp3", mask_ratio=0.5, **settings)
+    assert isinstance(a, PretextResult) and a.run.method == "mp3" and a.run.mask_ratio == 0.5
+    assert a.final_loss == b.final_loss and a.history["step"][-1] == 3
+    assert a.confusion.sum() == 40 * 16 and a.placements.shape == (6, 16) and 0 <= a.position_accuracy <= 1
+    assert math.isnan(a.selection_accuracy)
+    s = pretrain_pretext(seed=0, profile=smoke, method="selfie", **settings)
+    assert 0 <= s.selection_accuracy <= 1 and s.confusion is None and math.isnan(s.position_accuracy)
+    rows = finetune_fractions(
+        seed=0, profile=smoke, encoder_state=a.encoder, positions="none", finetune_seeds=(0, 7), **settings
     )
-    s = pretext_job("pretext", seed=0, profile=smoke, method="selfie", **settings)["result"]
-    assert 0 <= s["selection_accuracy"] <= 1
-    rows = pretext_job(
-        "finetune",
-        seed=0,
-        profile=smoke,
-        encoder_state=a["encoder"],
-        positions="none",
-        finetune_seeds=(0, 7),
-        **settings,
-    )["result"]
     assert [(r["fraction"], r["finetune_seed"], r["steps"]) for r in rows] == [
         (0.1, 0, 2),
         (0.1, 7, 2),
         (1.0, 0, 3),
         (1.0, 7, 3),
     ]
-    again = pretext_job(
-        "finetune",
-        seed=0,
-        profile=smoke,
-        encoder_state=a["encoder"],
-        positions="none",
-        fractions=(1.0,),
-        **settings,
-    )["result"]
+    again = finetune_fractions(
+        seed=0, profile=smoke, encoder_state=a.encoder, positions="none", fractions=(1.0,), **settings
+    )
     assert [r["accuracy"] for r in again] == [rows[2]["accuracy"]]
     with pytest.raises(PretrainNbError, match="valid pretext methods are"):
-        pretext_job("pretext", seed=0, profile=smoke, method="jigsaw", **settings)
-    with pytest.raises(PretrainNbError, match="valid pretext job kinds are"):
-        pretext_job("distill", seed=0)
+        pretrain_pretext(seed=0, profile=smoke, method="jigsaw", **settings)
+    with pytest.raises(PretrainNbError, match="valid PretextRun settings are"):
+        finetune_fractions(seed=0, profile=smoke, encoder_state=None, probe_steps=5, **settings)

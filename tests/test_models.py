@@ -286,7 +286,9 @@ def test_positions_travel_with_their_patches(positions):
     no_pos = ViT(cfg, positions="none").eval()
     no_pos.load_state_dict(enc.state_dict(), strict=False)  # a learned table is the one extra weight
     hidden = enc(x, keep=perm, hide_positions=torch.ones(2, 16, dtype=torch.bool))
-    if positions == "sincos":  # without positions the class token differs only where a learned one has its own
+    if (
+        positions == "sincos"
+    ):  # without positions the class token differs only where a learned one has its own
         assert torch.allclose(hidden, no_pos(x, keep=perm), atol=1e-5)
     assert not torch.allclose(hidden, shuffled, atol=1e-3)
 
@@ -301,7 +303,9 @@ def test_sincos_positions_are_distinct_and_need_a_width_divisible_by_four():
 def test_a_fixed_position_table_is_not_a_weight_and_a_learned_one_is():
     cfg = TransformerConfig(d_model=32, n_layers=1, n_heads=4)
     assert "positions.table" not in ViT(cfg, positions="sincos").state_dict()
-    assert ViT(cfg, positions="learned").state_dict()["positions.table"].shape[1] == 128  # cfg.block_size rows
+    assert (
+        ViT(cfg, positions="learned").state_dict()["positions.table"].shape[1] == 128
+    )  # cfg.block_size rows
 
 
 def test_encoder_classifier_puts_a_new_head_on_the_mean_patch_token():

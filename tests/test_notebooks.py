@@ -55,5 +55,6 @@ def test_notebook_runs_in_smoke_profile(name, runs_dir):
     if notebook_card(notebook_files(ROOT)[name])["kind"] in ("family", "template"):
         assert record["figures"], f"{name} saved no figure"
     assert summary["wall_time_s"] <= profile.budget_s, (
-        f"{name} took {summary['wall_time_s']:.1f} s in the smoke profile; the budget is {profile.budget_s:.0f} s"
+        f"{name} took {summary['wall_time_s']:.1f} s in the smoke profile; "
+        f"the budget is {profile.budget_s:.0f} s"
     )

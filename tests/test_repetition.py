@@ -1,4 +1,5 @@
-"""The repetition notebook's pieces (pretrain_nb.repetition): the unique-budget sampler, ensembles, distillation, the asymptote fit."""
+"""The repetition notebook's pieces (pretrain_nb.repetition): the unique-budget sampler, ensembles,
+distillation, one run and its result."""
 
 import math
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from pretrain_nb.core import PretrainNbError, load_profile
 from pretrain_nb.models import GPT, TransformerConfig, causal_lm_loss, lm_loss
 from pretrain_nb.repetition import (
+    RepetitionRun,
     distillation_loss,
     ensemble_log_probs,
     ensemble_loss,
@@ -17,7 +19,7 @@ from pretrain_nb.repetition import (
     train_on_repeats,
     unique_budget,
 )
-from pretrain_nb.training import TrainConfig, train
+from pretrain_nb.training import RunResult, TrainConfig, train
 
 
 def test_unique_budget_size_nesting_and_errors():
@@ -25,12 +27,10 @@ def test_unique_budget_size_nesting_and_errors():
     b2 = unique_budget(blocks, steps=40, batch_size=10, epochs=2, seed=3)
     b8 = unique_budget(blocks, steps=40, batch_size=10, epochs=8, seed=3)
     assert len(b2) == 200 and len(b8) == 50 and len(set(b2.flatten().tolist())) == 200  # distinct blocks
-    assert set(b8.flatten().tolist()) <= set(
-        b2.flatten().tolist()
-    )  # smaller budgets are nested in larger ones
-    assert not torch.equal(
-        b8, unique_budget(blocks, steps=40, batch_size=10, epochs=8, seed=4)
-    )  # the seed picks the blocks
+    # smaller budgets are nested in larger ones
+    assert set(b8.flatten().tolist()) <= set(b2.flatten().tolist())
+    # the seed picks the blocks
+    assert not torch.equal(b8, unique_budget(blocks, steps=40, batch_size=10, epochs=8, seed=4))
     with pytest.raises(
         PretrainNbError,
         match=r"divides steps x batch_size = 400 \(up to 64: 1, 2, 4, 5, 8, 10, 16, 20, 25, 40, 50\), not 3",
@@ -93,9 +93,8 @@ def test_ensemble_is_the_renormalized_mean_log_probability():
             causal_lm_loss(models[0](idx), idx).item(), rel=1e-5
         )
     member_mean = np.mean([ensemble_loss([m], idx) for m in models])
-    assert (
-        ensemble_loss(models, idx) < member_mean
-    )  # never above the mean member; strictly below when they disagree
+    # never above the mean member; strictly below when they disagree
+    assert ensemble_loss(models, idx) < member_mean
 
 
 def test_distillation_loss():
@@ -128,11 +127,12 @@ def test_run_is_deterministic_counts_epochs_and_rejects_unknown_settings():
     profile = load_profile("smoke")
     a = train_on_repeats(TINY | dict(epochs=4), seed=0, profile=profile, keep_state=True)
     b = train_on_repeats(TINY | dict(epochs=4), seed=0, profile=profile)
-    assert a["final_loss"] == b["final_loss"] and a["history"] == b["history"]
-    assert a["n_unique_blocks"] == 32 and a["history"]["epochs_seen"][-1] == 4.0
-    assert a["rise"] == pytest.approx(a["final_loss"] - a["best_loss"]) and "state" in a and "state" not in b
+    assert a.final_loss == b.final_loss and a.history == b.history
+    assert a.n_unique_blocks == 32 and a.history["epochs_seen"][-1] == 4.0
+    assert a.rise == pytest.approx(a.final_loss - a.best_loss) and a.state is not None and b.state is None
+    assert isinstance(a, RunResult) and a.run == RepetitionRun(**TINY, epochs=4) and a.seed == 0
     c = train_on_repeats(TINY | dict(epochs=4, weight_decay=3.0), seed=0, profile=profile)
-    assert c["final_loss"] != a["final_loss"]
+    assert c.final_loss != a.final_loss and c.run.weight_decay == 3.0
     with pytest.raises(
         PretrainNbError,
         match="Unknown RepetitionRun setting 'epoch'; valid RepetitionRun settings are: batch_size",
@@ -143,12 +143,11 @@ def test_run_is_deterministic_counts_epochs_and_rejects_unknown_settings():
 def test_distillation_run_moves_the_student_towards_its_teachers():
     profile = load_profile("smoke")
     teachers = [
-        train_on_repeats(TINY | dict(epochs=2), seed=s, profile=profile, keep_state=True)["state"]
+        train_on_repeats(TINY | dict(epochs=2), seed=s, profile=profile, keep_state=True).state
         for s in (0, 1)
     ]
     student = train_on_repeats(TINY | dict(epochs=2), seed=5, profile=profile, teachers=teachers)
     plain = train_on_repeats(TINY | dict(epochs=2), seed=5, profile=profile)
-    assert math.isfinite(student["final_loss"]) and student["final_loss"] != plain["final_loss"]
-    assert (
-        student["history"]["train_loss"][-1] < student["history"]["train_loss"][0]
-    )  # the KL to the teachers falls
+    assert math.isfinite(student.final_loss) and student.final_loss != plain.final_loss
+    # the KL to the teachers falls
+    assert student.history["train_loss"][-1] < student.history["train_loss"][0]

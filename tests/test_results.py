@@ -94,7 +94,8 @@ def test_spread_below_both_ways_and_its_power():
         spread_below("pre-trained", "scratch")({"pre-trained": shaky, "scratch": steady}).verdict
         == NOT_REPRODUCED
     )
-    # half the spread with 3 runs each: the right direction, but an F-test with 2 and 2 degrees of freedom cannot tell
+    # half the spread with 3 runs each: the right direction, but an F-test with 2 and 2 degrees of freedom
+    # cannot tell
     assert spread_below("a", "b")({"a": [0.70, 0.71, 0.72], "b": [0.68, 0.70, 0.72]}).verdict == INCONCLUSIVE
     from scipy.stats import f as f_dist
 

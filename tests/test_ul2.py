@@ -1,4 +1,5 @@
-"""UL2 (pretrain_nb.ul2): span corruption statistics and round trip, the denoisers' sequences, the target-only loss, one run."""
+"""UL2 (pretrain_nb.ul2): span corruption statistics and round trip, the denoisers' sequences, the
+target-only loss, the objectives' mode tokens, one run."""
 
 import math
 
@@ -7,20 +8,23 @@ import torch
 import torch.nn.functional as F
 
 from pretrain_nb.core import PretrainNbError, load_profile
+from pretrain_nb.data import PAD_ID
 from pretrain_nb.models import GPT, TransformerConfig
 from pretrain_nb.ul2 import (
     DENOISERS,
-    PAD_ID,
+    OBJECTIVE_MIXES,
+    UL2Result,
+    UL2Run,
     Vocab,
     denoise_batch,
     noise_mask,
     pretrain_ul2,
-    reconstruct,
     span_corrupt,
     span_counts,
     span_lengths,
     target_loss,
     ul2_loss,
+    undo_span_corruption,
 )
 
 VOCAB = Vocab(base=100, n_sentinels=16)
@@ -58,7 +62,9 @@ def test_span_corruption_round_trips_and_has_the_predicted_lengths(denoiser):
     inputs, targets = span_corrupt(tokens, mask, VOCAB)
     n_noise, n_spans = span_counts(48, **DENOISERS[denoiser])
     assert inputs.shape == (64, 48 - n_noise + n_spans) and targets.shape == (64, n_noise + n_spans)
-    assert reconstruct(inputs, targets, VOCAB) == tokens.tolist()  # the targets reconstruct the input exactly
+    assert (
+        undo_span_corruption(inputs, targets, VOCAB) == tokens.tolist()
+    )  # the targets reconstruct the input exactly
     assert torch.equal(targets[:, 0], torch.full((64,), VOCAB.sentinel(0)))
 
 
@@ -101,10 +107,38 @@ def test_target_loss_reads_only_the_targets():
         ul2_loss("BART", VOCAB, 60)
 
 
+def test_each_objective_uses_mode_tokens_as_its_mix_says():
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def forward(self, sequences):
+            self.seen.append(sequences)
+            return torch.zeros(*sequences.shape, VOCAB.size)
+
+    blocks = torch.randint(4, 100, (6, 48))
+    for objective, mix in OBJECTIVE_MIXES.items():
+        recorder = Recorder()
+        ul2_loss(objective, VOCAB, 60)(recorder, blocks)
+        has_mode = (recorder.seen[0] >= VOCAB.base + VOCAB.n_sentinels).any(1)
+        assert has_mode.all() == mix.mode_tokens and has_mode.any() == mix.mode_tokens
+    assert not OBJECTIVE_MIXES["span corruption"].mode_tokens and OBJECTIVE_MIXES["MoD"].mode_tokens
+
+
+def test_the_run_settings_keep_their_schedule():
+    tcfg = UL2Run().train_config(seed=2)
+    assert (tcfg.steps, tcfg.batch_size, tcfg.lr, tcfg.weight_decay) == (600, 32, 2e-3, 0.01)
+    assert tcfg.warmup_steps == tcfg.eval_every == 60 and tcfg.schedule == "cosine" and tcfg.seed == 2
+    assert UL2Run(steps=5).train_config(seed=0).eval_every == 1
+
+
 def test_one_run_repeats_exactly():
     smoke = load_profile("smoke")
     settings = dict(steps=3, batch_size=6, d_model=16, n_layers=1, n_heads=2, max_files=10, n_eval=16)
     a = pretrain_ul2(seed=0, profile=smoke, objective="MoD", **settings)
     b = pretrain_ul2(seed=0, profile=smoke, objective="MoD", **settings)
-    assert a["continuation_loss"] == b["continuation_loss"] and a["infill_loss"] == b["infill_loss"]
-    assert 0 <= a["exact_match_X"] <= 1 and math.isfinite(a["infill_loss_R"])
+    assert isinstance(a, UL2Result) and a.run.objective == "MoD" and a.run.steps == 3 and a.seed == 0
+    assert a.continuation_loss == b.continuation_loss and a.infill_loss == b.infill_loss
+    assert a.history == b.history and len(a.history["step"]) == 3
+    assert 0 <= a.exact_match_X <= 1 and math.isfinite(a.infill_loss_R)
