@@ -8,7 +8,10 @@ Source: `nbs/05_benchmark.ipynb`."""
 # %% ../nbs/05_benchmark.ipynb #66c1c26c
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -30,8 +33,8 @@ from pretrain_nb.models import (
 )
 
 # %% auto #0
-__all__ = ['PEAK_BF16_TFLOPS', 'NanoGPTReference', 'reference_step_loss', 'peak_tflops', 'time_training', 'run_benchmark',
-           'format_benchmark', 'machine_description']
+__all__ = ['PEAK_BF16_TFLOPS', 'NanoGPTReference', 'reference_step_loss', 'peak_tflops', 'time_training', 'time_interleaved',
+           'run_benchmark', 'format_benchmark', 'machine_description', 'op_times']
 
 # %% ../nbs/05_benchmark.ipynb #80c66578
 class _RefLayerNorm(nn.Module):
@@ -166,6 +169,23 @@ def peak_tflops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 # %% ../nbs/05_benchmark.ipynb #c872e3bc
+def _stepper(model: nn.Module, batch, loss_fn, device: torch.device, bf16: bool = False):
+    "A function that runs one training step (forward, backward, AdamW) of `model` on `batch`."
+    model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    return step
+
+
 def time_training(
     model: nn.Module,
     batch,
@@ -177,45 +197,46 @@ def time_training(
     seconds: float = 0.0,
 ) -> dict:
     "Seconds per training step (AdamW) over at least `steps` steps and `seconds` seconds; peak memory in MiB."
-    model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn(model, batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = _stepper(model, batch, loss_fn, device, bf16)
     for _ in range(warmup):
         step()
     _reset_peak_memory(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
     start = time.perf_counter()
     done = 0
     while done < steps or time.perf_counter() - start < seconds:
         step()
         done += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
     return {
         "s_per_step": (time.perf_counter() - start) / done,
         "steps": done,
         "peak_memory_mb": _peak_memory_mb(device),
     }
 
+# %% ../nbs/05_benchmark.ipynb #9867bff9
+def time_interleaved(
+    runs: dict, steps: int, warmup: int, device: torch.device, bf16: bool = False, seconds: float = 0.0
+) -> dict:
+    """Seconds per training step of each of `runs` ({name: (model, batch, loss_fn)}), timed in turns of one
+    step each, the first of a turn alternating, over at least `steps` turns and `seconds` seconds."""
+    steppers = {
+        name: _stepper(model, batch, loss_fn, device, bf16) for name, (model, batch, loss_fn) in runs.items()
+    }
+    for step in steppers.values():
+        for _ in range(warmup):
+            step()
+    spent = dict.fromkeys(runs, 0.0)
+    names = list(runs)
+    start = time.perf_counter()
+    turns = 0
+    while turns < steps or time.perf_counter() - start < seconds:
+        for name in names if turns % 2 == 0 else names[::-1]:
+            began = time.perf_counter()
+            steppers[name]()
+            spent[name] += time.perf_counter() - began
+        turns += 1
+    return {name: spent[name] / turns for name in names}
+
 # %% ../nbs/05_benchmark.ipynb #c48f72ff
-def _rounds(impls: dict, batches: dict, losses: dict, rounds: int, **timing) -> dict:
-    "Time every implementation once per round, the one timed first alternating between rounds."
-    timings = {name: [] for name in impls}
-    for r in range(rounds):
-        order = list(impls) if r % 2 == 0 else list(reversed(impls))
-        for name in order:
-            timings[name].append(time_training(impls[name], batches[name], losses[name], **timing))
-    return timings
-
-
 def run_benchmark(
     device: str = "cpu",
     steps: int = 10,
@@ -256,8 +277,13 @@ def run_benchmark(
         inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
         batches = {"pretrain_nb GPT": inputs, "nanoGPT reference": (inputs, targets)}
         losses = {"pretrain_nb GPT": lm_loss, "nanoGPT reference": reference_step_loss}
-        timings = _rounds(impls, batches, losses, repeats, **timing)
-        tok_s = {name: [batch * seq_len / t["s_per_step"] for t in ts] for name, ts in timings.items()}
+        memory = {
+            name: time_training(impls[name], batches[name], losses[name], 2, 1, dev, bf16)["peak_memory_mb"]
+            for name in impls
+        }  # each alone, so that its peak is its own
+        runs = {name: (impls[name], batches[name], losses[name]) for name in impls}
+        rounds = [time_interleaved(runs, steps, warmup, dev, bf16, seconds) for _ in range(repeats)]
+        tok_s = {name: [batch * seq_len / r[name] for r in rounds] for name in impls}
         ratios = [a / b for a, b in zip(tok_s["pretrain_nb GPT"], tok_s["nanoGPT reference"])]
         for name, model in impls.items():
             best = max(tok_s[name])
@@ -269,7 +295,7 @@ def run_benchmark(
                     "unit": "tokens/s",
                     "throughput": best,
                     "throughput_median": float(np.median(tok_s[name])),
-                    "peak_memory_mb": max((t["peak_memory_mb"] or 0) for t in timings[name]) or None,
+                    "peak_memory_mb": memory[name],
                     "mfu": best * flops_per_token(cfg, seq_len) / (peak * 1e12) if peak else None,
                     "ratio_median": float(np.median(ratios)) if name == "pretrain_nb GPT" else None,
                     "ratio_min": min(ratios) if name == "pretrain_nb GPT" else None,
@@ -289,7 +315,7 @@ def run_benchmark(
     images = torch.rand(4 * batch, 1, 28, 28).to(dev)
     labels = torch.randint(10, (4 * batch,)).to(dev)
     vit_loss = lambda m, b: F.cross_entropy(m(b[0]), b[1])
-    windows = _rounds({"vit": vit}, {"vit": (images, labels)}, {"vit": vit_loss}, repeats, **timing)["vit"]
+    windows = [time_training(vit, (images, labels), vit_loss, **timing) for _ in range(repeats)]
     img_s = [len(images) / t["s_per_step"] for t in windows]
     rows.append(
         {
@@ -352,3 +378,33 @@ def _cpu_model() -> str | None:
     except OSError:
         return None
     return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
+
+# %% ../nbs/05_benchmark.ipynb #0b79941d
+@contextlib.contextmanager
+def _stderr_to_devnull():
+    "Send the process's stderr (file descriptor 2) to /dev/null: the profiler logs each start and stop there."
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def op_times(model: nn.Module, batch, loss_fn, steps: int = 3, device: str = "cpu"):
+    "Milliseconds each operation spends (self time) over `steps` training steps: a Series, largest first."
+    import pandas as pd
+    from torch.profiler import ProfilerActivity, profile
+
+    step = _stepper(model, batch, loss_fn, torch.device(device))
+    step()  # allocations and kernel selection happen outside the profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with _stderr_to_devnull(), profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+    times = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
+    return pd.Series(times, name="ms").sort_values(ascending=False)

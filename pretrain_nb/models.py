@@ -118,8 +118,13 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, rotary=None) -> torch.Tensor:
         B, T, C = x.shape
-        # 3 x (B, h, T, d_h)
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads).permute(2, 0, 3, 1, 4)
+        h = self.n_heads
+        # split, then view each as (B, h, T, d_h): in the backward pass the three gradients are
+        # concatenated into the projection's output directly, without re-laying out a (B, T, 3, h, d_h) copy
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, h, C // h).transpose(1, 2)
+        k = k.view(B, T, h, C // h).transpose(1, 2)
+        v = v.view(B, T, h, C // h).transpose(1, 2)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         y = F.scaled_dot_product_attention(
@@ -257,11 +262,9 @@ class GPT(nn.Module):
 
 # %% ../nbs/02_models.ipynb #8439aadf
 def causal_lm_loss(logits: torch.Tensor, idx: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    "Mean next-token cross-entropy: logits at t predict idx at t+1."
-    vocab = logits.size(-1)
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, vocab), idx[:, 1:].reshape(-1), ignore_index=ignore_index
-    )
+    "Mean next-token cross-entropy: the logits at t predict idx at t+1 (the last position has no target)."
+    targets = F.pad(idx[:, 1:], (0, 1), value=ignore_index)  # (B, T): the next token, or ignore_index
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
 
 
 def lm_loss(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:

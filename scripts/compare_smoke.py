@@ -62,13 +62,24 @@ def same(a, b) -> bool:
     return a == b
 
 
+def relative_difference(a, b) -> float:
+    "|a - b| / max(|a|, |b|) for two numbers; infinite for anything else that differs."
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool):
+        scale = max(abs(a), abs(b))
+        return abs(a - b) / scale if scale else 0.0
+    return 0.0 if same(a, b) else math.inf
+
+
 def measured(record: dict) -> dict[str, object]:
     "What a results.json measured: its metrics and, per claim, the arms (by the claim's position)."
     claims = {f"claim {i} ({c['paper']['title'][:40]})": c["arms"] for i, c in enumerate(record["claims"])}
     return flatten({"metrics": record["metrics"], "claims": claims, "figures": record["figures"]})
 
 
-def compare(before: Path, after: Path, renamed: dict[str, str]) -> tuple[list[str], int]:
+def compare(
+    before: Path, after: Path, renamed: dict[str, str], rtol: float = 0.0, atol: float = 0.0
+) -> tuple[list[str], int]:
     "A line per notebook: identical (with the number of values compared) or what differs; and the failures."
     lines, failures = [], 0
     old = {p.parent.name: p for p in sorted(before.glob("*/results.json"))}
@@ -83,6 +94,15 @@ def compare(before: Path, after: Path, renamed: dict[str, str]) -> tuple[list[st
         a, b = measured(json.loads(path.read_text())), measured(json.loads(new[target].read_text()))
         keys = sorted(set(a) | set(b))
         diff = [k for k in keys if k not in a or k not in b or not same(a[k], b[k])]
+        common = [k for k in diff if k in a and k in b]
+        numeric = all(relative_difference(a[k], b[k]) < math.inf for k in common)
+        if diff and (rtol or atol) and len(common) == len(diff) and numeric:
+            rel = max(relative_difference(a[k], b[k]) for k in common)
+            gap = max(abs(a[k] - b[k]) for k in common)
+            if all(relative_difference(a[k], b[k]) <= rtol or abs(a[k] - b[k]) <= atol for k in common):
+                lines.append(f"{label:<36} {len(diff)} of {len(keys)} values differ, by at most {gap:.1e}")
+                lines.append(f"{'':<36} ({rel:.1e} relative)")
+                continue
         if diff:
             failures += 1
             lines.append(f"{label:<36} {len(diff)} of {len(keys)} values differ")
@@ -92,7 +112,10 @@ def compare(before: Path, after: Path, renamed: dict[str, str]) -> tuple[list[st
             lines.append(f"{label:<36} identical ({len(keys)} values)")
     for name in sorted(set(new) - {renamed.get(n, n) for n in old}):
         lines.append(f"{name:<36} new after (nothing to compare)")
-    lines.append(f"{len(old) - failures} of {len(old)} notebooks identical")
+    lines.append(
+        f"{len(old) - failures} of {len(old)} notebooks identical"
+        + (f" (or within rtol {rtol:g} or atol {atol:g})" if rtol or atol else "")
+    )
     return lines, failures
 
 
@@ -129,11 +152,17 @@ def main(argv=None) -> int:
     p.add_argument("--after", help="commit to compare with it")
     p.add_argument("--before-runs", type=Path, help="an existing runs/smoke folder instead of --before")
     p.add_argument("--after-runs", type=Path, help="an existing runs/smoke folder instead of --after")
+    p.add_argument(
+        "--rtol", type=float, default=0.0, help="accept numbers this close (relative); default exact"
+    )
+    p.add_argument(
+        "--atol", type=float, default=0.0, help="accept numbers this close (absolute); default exact"
+    )
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="compare-smoke-runs-"))
     before = args.before_runs or run_smoke(args.before, work / "before")
     after = args.after_runs or run_smoke(args.after, work / "after")
-    lines, failures = compare(before, after, renamed_at(None))
+    lines, failures = compare(before, after, renamed_at(None), args.rtol, args.atol)
     print("\n".join(lines))
     return 1 if failures else 0
 

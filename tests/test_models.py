@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pretrain_nb.core import PretrainNbError
@@ -14,6 +15,7 @@ from pretrain_nb.models import (
     Encoder,
     EncoderClassifier,
     MaskedLM,
+    SelfAttention,
     TransformerConfig,
     TransformerSettings,
     ViT,
@@ -340,3 +342,39 @@ def test_causal_lm_loss_shifts():
     logits[0, 0, 2] = 0
     logits[0, 1, 3] = 0
     assert causal_lm_loss(logits, torch.tensor([[0, 2, 3]])).item() < 1e-3
+
+
+@pytest.mark.parametrize("shape", [(4, 17, 50), (32, 128, 2048)])
+def test_causal_lm_loss_has_the_gradient_of_the_sliced_loss_exactly(shape):
+    "Shifted targets instead of sliced logits: the same gradient, bit for bit, and the value within 1e-6."
+    B, T, V = shape
+    torch.manual_seed(0)
+    logits = torch.randn(B, T, V, requires_grad=True)
+    idx = torch.randint(V, (B, T))
+    sliced = F.cross_entropy(logits[:, :-1].reshape(-1, V), idx[:, 1:].reshape(-1))
+    (expected,) = torch.autograd.grad(sliced, logits)
+    loss = causal_lm_loss(logits, idx)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert torch.equal(grad, expected)
+    assert abs(loss.item() - sliced.item()) <= 1e-6 * abs(sliced.item())
+
+
+def test_causal_lm_loss_ignores_the_ignore_index_in_the_targets():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 10)
+    idx = torch.randint(10, (2, 6))
+    padded = idx.clone()
+    padded[:, 4:] = -100  # the last two tokens are padding: nothing predicts them
+    expected = F.cross_entropy(logits[:, :3].reshape(-1, 10), idx[:, 1:4].reshape(-1))
+    assert torch.allclose(causal_lm_loss(logits, padded), expected, atol=1e-6)
+
+
+def test_attention_splits_the_projection_like_a_permuted_view():
+    "The split-and-view attention computes what the permuted five-dimensional view computed."
+    torch.manual_seed(0)
+    attn = SelfAttention(TransformerConfig(d_model=32, n_heads=4))
+    x = torch.randn(3, 8, 32)
+    B, T, C = x.shape
+    q, k, v = attn.qkv(x).view(B, T, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, C)
+    assert torch.equal(attn(x), attn.proj(y))
