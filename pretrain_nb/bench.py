@@ -34,7 +34,7 @@ from pretrain_nb.models import (
 
 # %% auto #0
 __all__ = ['PEAK_BF16_TFLOPS', 'NanoGPTReference', 'reference_step_loss', 'peak_tflops', 'time_training', 'time_interleaved',
-           'run_benchmark', 'format_benchmark', 'machine_description', 'op_times']
+           'median_interval', 'ratio_summary', 'run_benchmark', 'format_benchmark', 'machine_description', 'op_times']
 
 # %% ../nbs/05_benchmark.ipynb #80c66578
 class _RefLayerNorm(nn.Module):
@@ -237,6 +237,31 @@ def time_interleaved(
     return {name: spent[name] / turns for name in names}
 
 # %% ../nbs/05_benchmark.ipynb #c48f72ff
+def median_interval(values, confidence: float = 0.95) -> tuple[float, float]:
+    "A distribution-free interval for the median of `values` (order statistics); the range when too few."
+    from scipy.stats import binom
+
+    x = np.sort(np.asarray(values, dtype=float))
+    n = len(x)
+    # (x[k], x[n-1-k]) misses the median when k + 1 or fewer values lie on one side of it
+    k = 0
+    while k + 1 <= (n - 1) // 2 and 1 - 2 * binom.cdf(k + 1, n, 0.5) >= confidence:
+        k += 1
+    return float(x[k]), float(x[n - 1 - k])
+
+# %% ../nbs/05_benchmark.ipynb #c6f0e32f
+def ratio_summary(ratios) -> dict:
+    "The median of the rounds' speed ratios, its 95% interval and their range, as benchmark columns."
+    low, high = median_interval(ratios)
+    return {
+        "ratio_median": float(np.median(ratios)),
+        "ratio_low": low,
+        "ratio_high": high,
+        "ratio_min": float(min(ratios)),
+        "ratio_max": float(max(ratios)),
+    }
+
+# %% ../nbs/05_benchmark.ipynb #68a8b955
 def run_benchmark(
     device: str = "cpu",
     steps: int = 10,
@@ -297,11 +322,9 @@ def run_benchmark(
                     "throughput_median": float(np.median(tok_s[name])),
                     "peak_memory_mb": memory[name],
                     "mfu": best * flops_per_token(cfg, seq_len) / (peak * 1e12) if peak else None,
-                    "ratio_median": float(np.median(ratios)) if name == "pretrain_nb GPT" else None,
-                    "ratio_min": min(ratios) if name == "pretrain_nb GPT" else None,
-                    "ratio_max": max(ratios) if name == "pretrain_nb GPT" else None,
                     "rounds": repeats,
                 }
+                | (ratio_summary(ratios) if name == "pretrain_nb GPT" else {})
             )
         del impls
     torch.manual_seed(0)
@@ -327,31 +350,30 @@ def run_benchmark(
             "throughput_median": float(np.median(img_s)),
             "peak_memory_mb": max((t["peak_memory_mb"] or 0) for t in windows) or None,
             "mfu": max(img_s) * vit_flops_per_image(vit) / (peak * 1e12) if peak else None,
-            "ratio_median": None,
-            "ratio_min": None,
-            "ratio_max": None,
             "rounds": repeats,
         }
     )
     return pd.DataFrame(rows)
 
-# %% ../nbs/05_benchmark.ipynb #a4ed07a4
+# %% ../nbs/05_benchmark.ipynb #7dabf30b
 def format_benchmark(df, machine: str) -> str:
     "The benchmark as a Markdown table, with the machine it ran on."
     lines = [
         f"Measured on {machine}.",
         "",
-        "| model | implementation | parameters | throughput (best window) "
+        "| model | implementation | parameters | throughput (best round) "
         "| shared / reference (median of rounds) "
         "| peak memory | MFU |",
         "|---|---|---|---|---|---|---|",
     ]
+    import pandas as pd
+
     for r in df.itertuples():
-        mem = f"{r.peak_memory_mb:,.0f} MiB" if r.peak_memory_mb else "n/a"
-        mfu = f"{100 * r.mfu:.1f}%" if r.mfu == r.mfu and r.mfu is not None else "n/a (CPU)"
+        mem = f"{r.peak_memory_mb:,.0f} MiB" if pd.notna(r.peak_memory_mb) else "n/a"
+        mfu = f"{100 * r.mfu:.1f}%" if pd.notna(r.mfu) else "n/a (CPU)"
         ratio = ""
-        if r.ratio_median == r.ratio_median and r.ratio_median is not None:
-            ratio = f"{r.ratio_median:.2f} ({r.ratio_min:.2f}-{r.ratio_max:.2f}, {r.rounds} rounds)"
+        if pd.notna(getattr(r, "ratio_median", None)):
+            ratio = f"{r.ratio_median:.3f} (95%: {r.ratio_low:.3f}-{r.ratio_high:.3f}; {r.rounds} rounds)"
         lines.append(
             f"| {r.model} | {r.implementation} | {r.params / 1e6:.2f}M | {r.throughput:,.0f} {r.unit} "
             f"| {ratio} | {mem} | {mfu} |"
@@ -361,7 +383,6 @@ def format_benchmark(df, machine: str) -> str:
 
 def machine_description(device: str = "cpu") -> str:
     "A one-line description of the hardware and torch build the benchmark ran on."
-    import os
     import platform
 
     if device == "cuda" and torch.cuda.is_available():
@@ -406,5 +427,6 @@ def op_times(model: nn.Module, batch, loss_fn, steps: int = 3, device: str = "cp
     with _stderr_to_devnull(), profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-    times = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
+    kind = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"  # where the op runs
+    times = {e.key: getattr(e, kind) / 1e3 for e in prof.key_averages()}
     return pd.Series(times, name="ms").sort_values(ascending=False)

@@ -68,13 +68,21 @@ def resolve_notebooks(names: list[str], root: Path | None = None) -> list[str]:
     for name in names:
         stem = Path(name).stem if name.endswith(".ipynb") else name
         hits = [k for k in known if k == stem] or [k for k in known if k.startswith(stem)]
-        if not hits and stem in RENAMED:
+        renamed = [old for old in RENAMED if old == stem] or [old for old in RENAMED if old.startswith(stem)]
+        if not hits and len(renamed) == 1:
+            new = RENAMED[renamed[0]]
             raise PretrainNbError(
-                f"Notebook {stem!r} is now {RENAMED[stem]!r} (the notebooks are numbered by part); "
-                f"run 'pretrain-nb run {RENAMED[stem]}'."
+                f"Notebook {renamed[0]!r} is now {new!r} (the notebooks are numbered by part); "
+                f"run 'pretrain-nb run {new}'."
             )
         if not hits:
             raise one_of("notebook", name, known)
+        old_names = [old for old in RENAMED if old.startswith(stem) and stem not in known]
+        if old_names:  # a prefix that also fits an old name may mean the notebook that used to have it
+            raise PretrainNbError(
+                f"Notebook name {name!r} matches {', '.join(hits)} and the old name {old_names[0]!r} "
+                f"(now {RENAMED[old_names[0]]!r}); give the name in full."
+            )
         if len(hits) > 1:
             raise PretrainNbError(
                 f"Notebook name {name!r} matches {', '.join(hits)}; give one of them in full."
@@ -442,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seconds", type=float, default=2.5, help="at least this long per timed window (default 2.5)"
     )
     b.add_argument(
-        "--repeats", type=int, default=6, help="rounds; the model timed first alternates (default 6)"
+        "--repeats", type=int, default=6, help="rounds, each with the models taking turns (default 6)"
     )
     return p
 

@@ -17,7 +17,7 @@ import platform
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -228,13 +228,15 @@ def _call(fn: Callable, kwargs: dict, profile: Profile):
         torch.set_num_threads(profile.cpu_threads)
     return fn(**kwargs, profile=profile)
 
-# %% ../nbs/00_core.ipynb #83a1d4ba
-def map_calls(calls: Sequence[tuple[Callable, dict]], profile: Profile) -> list:
-    """fn(**kwargs, profile=...) for each (fn, kwargs) pair, results in order; profile.parallel_runs of
-    them at once in spawned processes on the CPU. The functions may differ: one pool can mix kinds of
-    runs."""
+
+def map_calls(calls: Sequence[tuple[Callable, dict]] | Mapping[Any, tuple[Callable, dict]], profile: Profile):
+    """fn(**kwargs, profile=...) for each (fn, kwargs) pair, profile.parallel_runs of them at once in spawned
+    processes on the CPU; the functions may differ, so one pool can mix kinds of runs. A list of calls gives
+    a list of results in order; a dict {key: (fn, kwargs)} gives a dict {key: result}."""
     if profile.parallel_runs < 1:
         raise PretrainNbError(f"parallel_runs must be at least 1, not {profile.parallel_runs}.")
+    if isinstance(calls, Mapping):
+        return dict(zip(calls, map_calls(list(calls.values()), profile)))
     calls = list(calls)
     workers = min(profile.parallel_runs, len(calls))
     local = [fn for fn, _ in calls if getattr(fn, "__module__", None) == "__main__"]

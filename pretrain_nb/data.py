@@ -544,7 +544,7 @@ def char_blocks(block_size: int = 64, corpus: str = "shakespeare", hub_rows: int
     """A corpus as character blocks: {'train', 'validation', 'test': LongTensor (n, block_size),
     'vocab_size': int}."""
     if corpus == "shakespeare":
-        texts = load_shakespeare()  # offline, split by play
+        texts = load_shakespeare()  # offline, split by passage (every play appears in train)
     # the full profile: a larger corpus from the hub (fails at once, with a reason, offline)
     elif corpus in HUB_TEXT:
         texts = split_by_key(hub_text(corpus, n_rows=hub_rows), "text")

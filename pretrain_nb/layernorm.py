@@ -28,7 +28,8 @@ from .training import RunResult, RunSettings, history_columns, train
 __all__ = ['blocks_of', 'layer_grad_norms', 'recording_blocks', 'token_variance', 'angular_distance', 'stream_profile',
            'skipping_block', 'skip_layer_loss_change', 'FixedScaleNorm', 'layernorm_names', 'removal_stages',
            'layernorm_input_scales', 'replace_module', 'remove_layernorms', 'PlacementRun', 'diagnostics_row',
-           'fixed_subset', 'placement_setup', 'PlacementResult', 'train_placement', 'layernorm_removal_run']
+           'fixed_subset', 'PlacementSetup', 'placement_setup', 'PlacementResult', 'train_placement',
+           'layernorm_removal_run']
 
 # %% ../nbs/50_layernorm.ipynb #47374cae
 def blocks_of(model: nn.Module) -> nn.ModuleList:
@@ -270,14 +271,27 @@ def fixed_subset(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]]
 
 # %% ../nbs/50_layernorm.ipynb #a3859874
-def placement_setup(settings: dict, seed: int, batch_seed: int):
-    """(run settings, data, validation blocks, a fixed batch of training blocks chosen by batch_seed, a GPT
-    initialised from seed)."""
-    run = PlacementRun.from_settings(settings)
+@dataclasses.dataclass
+class PlacementSetup:
+    "What a placement run, or a LayerNorm-removal run, starts from (see `placement_setup`)."
+
+    data: dict  # char_blocks: train, validation and test blocks, vocab_size
+    val: torch.Tensor  # the first n_val_blocks validation blocks
+    fixed_batch: torch.Tensor  # n_probe_blocks training blocks chosen by batch_seed alone
+    model: GPT  # initialised from the run's seed
+
+
+def placement_setup(run: PlacementRun, seed: int, batch_seed: int) -> PlacementSetup:
+    "The data, validation blocks, fixed batch (chosen by `batch_seed`) and fresh GPT (from `seed`) of `run`."
     data = char_blocks(run.block_size, run.corpus)
     batch = fixed_subset(data["train"], run.n_probe_blocks, batch_seed)
     seed_everything(seed)
-    return run, data, data["validation"][: run.n_val_blocks], batch, GPT(run.model_config(data["vocab_size"]))
+    return PlacementSetup(
+        data=data,
+        val=data["validation"][: run.n_val_blocks],
+        fixed_batch=batch,
+        model=GPT(run.model_config(data["vocab_size"])),
+    )
 
 # %% ../nbs/50_layernorm.ipynb #20083e1f
 @dataclasses.dataclass
@@ -298,22 +312,24 @@ class PlacementResult(RunResult):
 def train_placement(seed: int, profile: Profile, keep_weights: bool = False, **settings) -> PlacementResult:
     """Train one GPT under `settings` (PlacementRun fields) from `seed`; its history, skip-layer changes
     and (optionally) weights."""
-    run, data, val, probe, model = placement_setup(settings, seed, batch_seed=1234)
+    run = PlacementRun.from_settings(settings)
+    setup = placement_setup(run, seed, batch_seed=1234)
+    model = setup.model
 
     def evaluate(m):
-        row = {"val_loss": lm_loss(m, val).item()}
-        return row | diagnostics_row(m, probe) if run.diagnostics else row
+        row = {"val_loss": lm_loss(m, setup.val).item()}
+        return row | diagnostics_row(m, setup.fixed_batch) if run.diagnostics else row
 
     history = train(
         model,
         lm_loss,
-        data["train"],
+        setup.data["train"],
         run.train_config(seed),
         eval_fn=evaluate,
         accelerator=make_accelerator(profile),
     )
     model.eval()
-    skip = skip_layer_loss_change(model, lm_loss, val) if run.diagnostics else None
+    skip = skip_layer_loss_change(model, lm_loss, setup.val) if run.diagnostics else None
     return PlacementResult(
         run=run,
         seed=seed,
@@ -327,15 +343,18 @@ def layernorm_removal_run(
     seed: int,
     profile: Profile,
     weights: dict,
-    settings: dict,
     remove: bool = True,
     steps_per_stage: int = 10,
-    lr: float = 3e-4,
-    batch_size: int = 32,
+    finetune_lr: float = 3e-4,
+    finetune_batch_size: int = 32,
+    **settings,
 ):
-    """From trained `weights`: swap LayerNorms stage by stage with a short fine-tune after each
-    (remove=True), or only fine-tune (the control); a DataFrame."""
-    run, data, val, calibration, model = placement_setup(settings, seed, batch_seed=4321)
+    """Load trained `weights` into the GPT that `settings` (PlacementRun fields) describe; swap its LayerNorms
+    stage by stage with a short fine-tune after each (remove=True), or only fine-tune (the control).
+    A DataFrame, one row per stage."""
+    run = PlacementRun.from_settings(settings)
+    setup = placement_setup(run, seed, batch_seed=4321)
+    model = setup.model
     model.load_state_dict(weights)
     stages = removal_stages(model)
 
@@ -344,23 +363,23 @@ def layernorm_removal_run(
         cfg = run.train_config(
             seed * 1000 + stage,
             steps=steps_per_stage,
-            batch_size=batch_size,
-            lr=lr,
+            batch_size=finetune_batch_size,
+            lr=finetune_lr,
             schedule="constant",
             warmup_steps=0,
             eval_every=steps_per_stage,
         )
-        train(m, lm_loss, data["train"], cfg, accelerator=make_accelerator(profile))
+        train(m, lm_loss, setup.data["train"], cfg, accelerator=make_accelerator(profile))
 
     def evaluate(m):
         was_training = m.training
         m.eval()
         with torch.no_grad():
-            loss = lm_loss(m, val).item()
+            loss = lm_loss(m, setup.val).item()
         m.train(was_training)
         return loss
 
     # the control fine-tunes exactly as often, on the same batches, with its LayerNorms
     no_swaps = [[] for _ in stages]
-    table = remove_layernorms(model, calibration, finetune, evaluate, stages if remove else no_swaps)
+    table = remove_layernorms(model, setup.fixed_batch, finetune, evaluate, stages if remove else no_swaps)
     return table.assign(seed=seed, arm="LayerNorm removed" if remove else "LayerNorm kept (control)")

@@ -43,9 +43,8 @@ class TransformerConfig:
     n_heads: int = 4
     mlp_ratio: int = 4  # hidden width of the MLP = mlp_ratio * d_model
     dropout: float = 0.0
-    norm: str = (
-        "pre"  # where LayerNorm goes: pre, post, peri (around each sublayer) or mix (post first, then pre)
-    )
+    # where LayerNorm goes: pre, post, peri (around each sublayer) or mix (post first, then pre)
+    norm: str = "pre"
     mix_post_fraction: float = 0.25  # Mix-LN's alpha: the first floor(alpha * n_layers) blocks are Post-LN
     pos: str = "learned"  # learned, rotary or none
     bias: bool = False  # biases in linear layers and LayerNorms
@@ -377,7 +376,10 @@ class PatchPositions(nn.Module):
         self.n_patches = grid * grid
         self.offset = int(kind == "learned" and class_token)  # a learned table gives row 0 to the class token
         if kind == "learned":
-            # `rows` may ask for a longer table than the tokens need (the ViT sizes it like the GPT's)
+            # `rows` may ask for a longer table than the tokens need: the ViT sizes it like the GPT's
+            # (cfg.block_size rows), as the ViT of the committed results did; the spare rows are never used
+            # and get no gradient, but they are drawn at initialisation, so shrinking the table would change
+            # every later random draw and with it the committed numbers
             self.table = nn.Parameter(torch.zeros(1, max(rows, self.offset + self.n_patches), dim))
         else:
             table = sincos_positions_2d(grid, dim) if kind == "sincos" else torch.zeros(self.n_patches, dim)

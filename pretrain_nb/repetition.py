@@ -135,10 +135,10 @@ def teacher_log_probs(
     return torch.cat([ensemble_log_probs(teachers, b) for b in blocks.split(batch_size)])
 
 # %% ../nbs/30_repetition.ipynb #e3ac746e
-def _model(run: RepetitionRun, vocab_size: int, state: dict | None = None) -> GPT:
+def _model(run: RepetitionRun, vocab_size: int, weights: dict | None = None) -> GPT:
     model = GPT(run.model_config(vocab_size))
-    if state is not None:
-        model.load_state_dict(state)
+    if weights is not None:
+        model.load_state_dict(weights)
     return model
 
 # %% ../nbs/30_repetition.ipynb #e481487e
@@ -153,17 +153,18 @@ class RepetitionResult(RunResult):
     best_loss: float  # held-out, the lowest evaluation
     rise: float  # final_loss - best_loss: overfitting within the run
     train_loss: float  # on (the first n_val_blocks of) the training blocks, scored like the held-out ones
-    state: dict | None = None  # the weights, with keep_state
+    weights: dict | None = None  # the model's state_dict, with keep_weights
 
 # %% ../nbs/30_repetition.ipynb #2210c68d
 def train_on_repeats(
-    settings: dict,
     seed: int,
     profile: Profile,
     teachers: Sequence[dict] | None = None,
-    keep_state: bool = False,
+    keep_weights: bool = False,
+    **settings,
 ) -> RepetitionResult:
-    "Train one GPT on a unique budget repeated settings['epochs'] times (or distil `teachers` into it)."
+    """Train one GPT under `settings` (RepetitionRun fields) on a unique budget repeated `epochs` times, or
+    distil `teachers` (their weights) into it."""
     run = RepetitionRun.from_settings(settings)
     data = char_blocks(run.block_size, run.corpus)
     blocks = unique_budget(data["train"], run.steps, run.batch_size, run.epochs, run.data_seed)
@@ -174,7 +175,7 @@ def train_on_repeats(
     loss_fn, train_data = lm_loss, blocks
     # distillation: the teachers share the student's settings, and their targets are computed once
     if teachers:
-        teacher_models = [_model(run, vocab, state) for state in teachers]
+        teacher_models = [_model(run, vocab, weights) for weights in teachers]
         train_data = (blocks, teacher_log_probs(teacher_models, blocks))
         loss_fn = functools.partial(distillation_loss, weight=run.distill_weight)
     history = train(
@@ -201,5 +202,5 @@ def train_on_repeats(
         rise=float(val_curve[-1] - val_curve.min()),
         # on training blocks, same scoring
         train_loss=float(ensemble_loss([model], blocks[: run.n_val_blocks])),
-        state={k: v.clone() for k, v in model.state_dict().items()} if keep_state else None,
+        weights={k: v.clone() for k, v in model.state_dict().items()} if keep_weights else None,
     )

@@ -21,8 +21,8 @@ from .training import RunResult, RunSettings, history_columns, train
 
 # %% auto #0
 __all__ = ['MODES', 'DENOISERS', 'OBJECTIVE_MIXES', 'Vocab', 'span_counts', 'span_lengths', 'noise_mask', 'span_corrupt',
-           'undo_span_corruption', 'denoise_batch', 'target_loss', 'DenoiserMix', 'ul2_loss', 'UL2Run', 'ul2_data',
-           'measure', 'UL2Result', 'pretrain_ul2']
+           'undo_span_corruption', 'denoise_batch', 'target_token_losses', 'target_loss', 'DenoiserMix', 'ul2_loss',
+           'UL2Run', 'ul2_data', 'measure', 'UL2Result', 'pretrain_ul2']
 
 # %% ../nbs/21_ul2.ipynb #9ac7aca5
 MODES = ("R", "X", "S")
@@ -80,10 +80,9 @@ def noise_mask(batch: int, length: int, rate: float, mean_span: float, device=No
     """(batch, length) boolean: True on the hidden tokens, laid out as T5 does (visible segment, hidden span,
     visible, hidden, ...)."""
     n_noise, n_spans = span_counts(length, rate, mean_span)
-    keep_len, noise_len = (
-        span_lengths(batch, length - n_noise, n_spans, device),
-        span_lengths(batch, n_noise, n_spans, device),
-    )
+    # the visible lengths are drawn before the hidden ones
+    keep_len = span_lengths(batch, length - n_noise, n_spans, device)
+    noise_len = span_lengths(batch, n_noise, n_spans, device)
     # (B, 2k): visible, hidden, visible, hidden, ...
     segments = torch.stack([keep_len, noise_len], dim=2).flatten(1)
     starts = segments.cumsum(dim=1)[:, :-1]  # where each segment after the first begins
@@ -164,17 +163,19 @@ def denoise_batch(
     return F.pad(body, (0, pad), value=PAD_ID), F.pad(is_target, (0, pad))
 
 # %% ../nbs/21_ul2.ipynb #1ebf32fe
-def target_loss(
-    model: GPT, sequences: torch.Tensor, is_target: torch.Tensor, reduction: str = "mean"
-) -> torch.Tensor:
-    "Next-token cross-entropy on the target positions only (the logit at t predicts the token at t + 1)."
+def target_token_losses(
+    model: GPT, sequences: torch.Tensor, is_target: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next-token cross-entropy at every position, (B, T - 1) (the logit at t predicts the token at
+    t + 1), and weights (B, T - 1) that are 1 where the predicted token is a target, 0 elsewhere."""
     logits = model(sequences)[:, :-1]
-    losses = F.cross_entropy(logits.flatten(0, 1), sequences[:, 1:].flatten(), reduction="none").view(
-        sequences.shape[0], -1
-    )
-    weights = is_target[:, 1:].float()
-    if reduction == "none":
-        return losses, weights
+    losses = F.cross_entropy(logits.flatten(0, 1), sequences[:, 1:].flatten(), reduction="none")
+    return losses.view(len(sequences), -1), is_target[:, 1:].float()
+
+# %% ../nbs/21_ul2.ipynb #81665f33
+def target_loss(model: GPT, sequences: torch.Tensor, is_target: torch.Tensor) -> torch.Tensor:
+    "The mean next-token cross-entropy over the target positions only."
+    losses, weights = target_token_losses(model, sequences, is_target)
     return (losses * weights).sum() / weights.sum().clamp(min=1)
 
 # %% ../nbs/21_ul2.ipynb #de92b0f7
@@ -269,7 +270,7 @@ def measure(
     for d in ("R", "X"):
         torch.manual_seed(seed)  # the same masks for every model
         seqs, is_target = denoise_batch(blocks, d, vocab, seq_len, mode_token=mode_tokens)
-        losses, weights = target_loss(model, seqs, is_target, reduction="none")
+        losses, weights = target_token_losses(model, seqs, is_target)
         predicted = seqs[:, 1:]
         is_token = weights.bool() & (predicted < vocab.base)  # target tokens, sentinels excluded
         out[f"infill_loss_{d}"] = float((losses * is_token).sum() / is_token.sum())

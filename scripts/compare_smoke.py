@@ -6,9 +6,11 @@ and compare what each results.json measured (metrics and the arms of every claim
 
 Each commit is checked out into a temporary git worktree and run with this repository's environment
 (its `pretrain_nb` put first on PYTHONPATH), offline, sharing this repository's data cache. Notebooks
-renamed between the commits are paired through `pretrain_nb.cli.RENAMED` (read from the after commit).
-Numbers that measure the clock (wall times, steps per second) are not results and are left out; they
-are listed in TIMING_KEYS. Exit status: 0 when every compared number is identical, 1 otherwise.
+renamed between the commits are paired through `pretrain_nb.cli.RENAMED` (read from this checkout).
+Numbers that measure the clock or the machine (wall times, throughputs, speed ratios, memory) are not
+results and are left out (TIMING_KEYS, BENCHMARK_KEYS). A value that only the after run has is reported
+as added, not as a difference: a record may gain a field. Exit status: 0 when every value both runs
+have is identical (or within --rtol/--atol), 1 otherwise.
 """
 
 from __future__ import annotations
@@ -37,8 +39,12 @@ TIMING_KEYS = (
 )
 
 
+# the benchmark's speed ratios, by their exact names
+BENCHMARK_KEYS = ("ratio_median", "ratio_min", "ratio_max")
+
+
 def is_timing(key: str) -> bool:
-    return any(part in key.lower() for part in TIMING_KEYS)
+    return key in BENCHMARK_KEYS or any(part in key.lower() for part in TIMING_KEYS)
 
 
 def flatten(value, prefix: str = "") -> dict[str, object]:
@@ -93,7 +99,11 @@ def compare(
             continue
         a, b = measured(json.loads(path.read_text())), measured(json.loads(new[target].read_text()))
         keys = sorted(set(a) | set(b))
-        diff = [k for k in keys if k not in a or k not in b or not same(a[k], b[k])]
+        added = [k for k in keys if k not in a]
+        keys = [k for k in keys if k in a]
+        diff = [k for k in keys if k not in b or not same(a[k], b[k])]
+        if added:
+            lines.append(f"{label:<36} {len(added)} value(s) added: {', '.join(added[:6])}")
         common = [k for k in diff if k in a and k in b]
         numeric = all(relative_difference(a[k], b[k]) < math.inf for k in common)
         if diff and (rtol or atol) and len(common) == len(diff) and numeric:

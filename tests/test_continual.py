@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pretrain_nb.continual import (
+    PHASE_SCHEDULES,
     PhaseRun,
     annealed,
     average_states,
@@ -66,11 +67,9 @@ def test_replay_mix_gives_the_ratio_exactly_and_spreads_it_over_batches():
     shares = torch.stack([is_old[batch_indices(s, 3200, 32, seed=0)].float().mean() for s in range(100)])
     # over an epoch the batches hold exactly the ratio; within a batch it varies like sampling
     # without replacement
-    assert (
-        shares.mean().item() == pytest.approx(0.2, abs=1e-6)
-        and 0.04 < shares.std().item() < 0.1
-        and shares.max() < 0.5
-    )
+    assert shares.mean().item() == pytest.approx(0.2, abs=1e-6)
+    assert 0.04 < shares.std().item() < 0.1
+    assert shares.max() < 0.5
     assert int(replay_mix(new, old, 100, 0.0)[1].sum()) == 0
     with pytest.raises(PretrainNbError, match=r"in \[0, 1\)"):
         replay_mix(new, old, 10, 1.0)
@@ -86,9 +85,8 @@ def test_noise_graded_changes_tokens_in_proportion_to_the_level():
     # binomial spread: sd about 0.01 per block
     assert torch.allclose(changed, expected, atol=0.05)
     assert level.min() >= 0 and level.max() <= 1
-    assert torch.equal(noisy, noise_graded(clean, 0.5, 100, seed=3)[0]) and not torch.equal(
-        noisy, noise_graded(clean, 0.5, 100, seed=4)[0]
-    )
+    assert torch.equal(noisy, noise_graded(clean, 0.5, 100, seed=3)[0])
+    assert not torch.equal(noisy, noise_graded(clean, 0.5, 100, seed=4)[0])
     assert torch.equal(noise_graded(clean, 0.0, 100)[0], clean)
     with pytest.raises(PretrainNbError, match=r"max_noise must be in \[0, 1\]"):
         noise_graded(clean, 1.5, 100)
@@ -152,12 +150,12 @@ TINY = dict(n_layers=1, d_model=16, steps=12, batch_size=8, eval_every=4, n_val_
 def test_train_phase_branch_is_an_exact_resume():
     profile = load_profile("smoke")
     settings = TINY | dict(schedule="infinite", level=0.5, anneal_steps=4)
-    straight = train_phase(settings, seed=0, profile=profile)
-    branched = train_phase(settings, seed=0, profile=profile, branch_at=8)
+    straight = train_phase(seed=0, profile=profile, **settings)
+    branched = train_phase(seed=0, profile=profile, branch_at=8, **settings)
     assert straight.final == branched.final and straight.history == branched.history
-    assert all(torch.equal(straight.state[k], branched.state[k]) for k in straight.state)
-    assert not all(torch.equal(branched.branch_state[k], branched.state[k]) for k in branched.state)
-    assert straight.branch_state is None and straight.final_averaged is None
+    assert all(torch.equal(straight.weights[k], branched.weights[k]) for k in straight.weights)
+    assert not all(torch.equal(branched.branch_weights[k], branched.weights[k]) for k in branched.weights)
+    assert straight.branch_weights is None and straight.final_averaged is None
     assert branched.lr[7] == pytest.approx(0.5 * 3e-3) and branched.lr[-1] == pytest.approx(0.0)
     assert straight.history["step"] == [0, 4, 8, 12]  # the loss before training is the first point
     assert isinstance(straight, RunResult) and straight.run == PhaseRun(**settings) and straight.seed == 0
@@ -165,12 +163,25 @@ def test_train_phase_branch_is_an_exact_resume():
 
 def test_train_phase_continues_from_weights_and_averages():
     profile = load_profile("smoke")
-    first = train_phase(TINY | dict(domain="A", schedule="rewarm", start=0.0), seed=0, profile=profile)
+    first = train_phase(seed=0, profile=profile, domain="A", schedule="rewarm", start=0.0, **TINY)
     cont = train_phase(
-        TINY | dict(domain="B"), seed=0, profile=profile, init_state=first.state, average_last=2
+        seed=0, profile=profile, init_weights=first.weights, average_last=2, domain="B", **TINY
     )
     # starts where A ended
     assert cont.history["loss_A"][0] == pytest.approx(first.final["loss_A"], rel=1e-6)
     assert set(cont.final_averaged) == {"loss_A", "loss_B", "loss_C"} and cont.final_averaged != cont.final
     with pytest.raises(PretrainNbError, match="Unknown PhaseRun setting 'domian'"):
-        train_phase(TINY | dict(domian="B"), seed=0, profile=profile)
+        train_phase(seed=0, profile=profile, domian="B", **TINY)
+
+
+def test_phase_schedules_are_registered_once_and_reach_the_loop():
+    # every name a phase can give builds a schedule function, which train_config hands to the shared loop
+    for name in PHASE_SCHEDULES:
+        run = PhaseRun(schedule=name, steps=40, warmup_steps=4, anneal_steps=8)
+        multiplier = run.train_config(seed=0).lr_schedule()
+        assert all(multiplier(t) == run.schedule_fn()(t) for t in range(40))
+    assert PhaseRun().train_config(seed=0).lr_schedule()(PhaseRun.warmup_steps - 1) == pytest.approx(1.0)
+    # a change given to train_config still wins
+    assert PhaseRun().train_config(seed=0, schedule="constant").schedule == "constant"
+    with pytest.raises(PretrainNbError, match="valid schedules are: constant, infinite, rewarm"):
+        PhaseRun(schedule="cosine").train_config(seed=0)

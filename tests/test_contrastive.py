@@ -9,6 +9,7 @@ from pretrain_nb.contrastive import (
     ContrastiveRun,
     SimCLR,
     SmallCNN,
+    _per_image,
     brightness_contrast,
     dcl_loss,
     downstream_tasks,
@@ -70,7 +71,8 @@ def test_losses_ignore_batch_order_and_send_gradients_to_both_views(loss):
     # the two views play symmetric roles
     assert torch.allclose(loss(z1, z2, 0.5), loss(z2, z1, 0.5), atol=1e-6)
     loss(z1, z2, 0.5).backward()
-    assert z1.grad.abs().sum() > 0 and z2.grad.abs().sum() > 0
+    assert z1.grad.abs().sum() > 0
+    assert z2.grad.abs().sum() > 0
     # pairing each view with another image's view must cost more
     aligned = F.normalize(z1.detach() + 0.05 * torch.randn(6, 8), dim=1)
     assert loss(z1.detach(), aligned, 0.5) < loss(z1.detach(), aligned[torch.roll(torch.arange(6), 1)], 0.5)
@@ -88,6 +90,16 @@ def test_dclw_weights_hard_positives_more():
         dcl_loss(z1, z2[:3], 0.5)
 
 
+def test_per_image_draws_one_number_per_image_for_all_its_pixels():
+    torch.manual_seed(0)
+    draws = _per_image(500, 1, 1, 1)
+    assert draws.numel() == 500
+    spread = draws * torch.ones(500, 3, 6, 6)
+    assert (spread == draws).all()  # every channel and pixel of an image gets the image's draw
+    assert draws.unique().numel() > 490  # and (almost) every image its own
+    assert 0 <= draws.min() <= draws.max() < 1
+
+
 def test_augmentations_are_per_image_batched_and_keep_the_range():
     torch.manual_seed(0)
     x = torch.rand(64, 1, 28, 28)
@@ -101,7 +113,8 @@ def test_augmentations_are_per_image_batched_and_keep_the_range():
         simclr_augment,
     ):
         y = aug(x)
-        assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1, aug.__name__
+        assert y.shape == x.shape, aug.__name__
+        assert 0 <= y.min() <= y.max() <= 1, aug.__name__
     changed = (simclr_augment(x) - x).abs().flatten(1).sum(1) > 0
     assert changed.float().mean() > 0.9
     flipped = random_flip(x, p=0.5)
@@ -118,7 +131,8 @@ def test_crop_of_the_whole_image_is_the_identity_and_blur_preserves_constants():
     img[..., 14, 14] = 1
     blurred = gaussian_blur(img, sigma=(1.0, 1.0), p=1.0)
     # a normalized kernel
-    assert blurred[..., 14, 14] < 1 and blurred.sum().item() == pytest.approx(1.0, rel=1e-5)
+    assert blurred[..., 14, 14] < 1
+    assert blurred.sum().item() == pytest.approx(1.0, rel=1e-5)
     erased = random_erasing(torch.ones(16, 1, 28, 28), p=1.0, area=(0.1, 0.1))
     frac = 1 - erased.flatten(1).mean(1)
     assert ((frac > 0.05) & (frac < 0.16)).all()
@@ -127,18 +141,17 @@ def test_crop_of_the_whole_image_is_the_identity_and_blur_preserves_constants():
 def test_model_returns_unit_projections_and_downstream_tasks_are_well_formed():
     model = SimCLR(SmallCNN(channels=3, width=8))
     h, z = model(torch.rand(5, 3, 32, 32))
-    assert (
-        h.shape == (5, 32) and z.shape == (5, 64) and torch.allclose(z.norm(dim=1), torch.ones(5), atol=1e-5)
-    )
+    assert h.shape == (5, 32)
+    assert z.shape == (5, 64)
+    assert torch.allclose(z.norm(dim=1), torch.ones(5), atol=1e-5)
     x, y = torch.rand(9, 1, 28, 28), torch.arange(9) % 10
     tasks = downstream_tasks(x, y)
-    assert (
-        torch.equal(tasks["rotated classes"][0][0, 0], torch.rot90(x[0, 0], 1))
-        and tasks["brightness level"][1].tolist() == [0, 1, 2] * 3
-    )
+    assert torch.equal(tasks["rotated classes"][0][0, 0], torch.rot90(x[0, 0], 1))
+    assert tasks["brightness level"][1].tolist() == [0, 1, 2] * 3
     assert torch.allclose(tasks["brightness level"][0][0], 0.45 * x[0])
     emb = pca_2d(torch.randn(50, 6) * torch.tensor([5.0, 2, 1, 1, 1, 1]))
-    assert emb.shape == (50, 2) and emb[:, 0].var() > emb[:, 1].var()
+    assert emb.shape == (50, 2)
+    assert emb[:, 0].var() > emb[:, 1].var()
 
 
 def test_one_pretraining_run_repeats_exactly():
@@ -153,9 +166,14 @@ def test_one_pretraining_run_repeats_exactly():
     except PretrainNbError as e:
         pytest.skip(f"Fashion-MNIST is not installed here: {e}")
     b = pretrain_contrastive(seed=0, profile=load_profile("smoke"), **settings)
-    assert a.run.total_steps() == 4 and a.history["step"] == [4], "4 steps, one evaluation at the end"
-    assert a.knn_pre == b.knn_pre and a.final_loss == b.final_loss and a.run.loss == "DCL"
-    assert 0 <= a.knn_pre <= 1 and a.embedding_pre.shape == (40, 2) and a.weights is None
+    assert a.run.total_steps() == 4
+    assert a.history["step"] == [4], "one evaluation, at the end"
+    assert a.knn_pre == b.knn_pre
+    assert a.final_loss == b.final_loss
+    assert a.run.loss == "DCL"
+    assert 0 <= a.knn_pre <= 1
+    assert a.embedding_pre.shape == (40, 2)
+    assert a.weights is None
     with pytest.raises(PretrainNbError, match="valid ContrastiveRun settings"):
         pretrain_contrastive(seed=0, profile=load_profile("smoke"), batchsize=16)
 
@@ -178,7 +196,8 @@ def test_run_settings_keep_the_defaults_and_count_steps_from_epochs():
         5_000,
         2_000,
     )
-    assert run.total_steps() == round(2.0 * 10_000 / 256) and ContrastiveRun(steps=7).total_steps() == 7
+    assert run.total_steps() == round(2.0 * 10_000 / 256)
+    assert ContrastiveRun(steps=7).total_steps() == 7
     # the TrainConfig the run function used before the shared RunSettings, field by field
     small = ContrastiveRun(n_pretrain=512, batch_size=16, epochs=1.0, lr=2e-3)
     steps = small.total_steps()

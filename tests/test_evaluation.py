@@ -141,3 +141,19 @@ def test_fit_power_law_recovers_known_parameters():
         fit_power_law([1, 2], [3, 2])
     with pytest.raises(PretrainNbError, match="positive x"):
         fit_power_law([0, 1, 2], [3, 2, 1])
+
+
+def test_the_image_recipe_holds_what_the_image_families_share():
+    from pretrain_nb.evaluation import ImagePretraining
+
+    recipe = ImagePretraining(steps=200)
+    cfg = recipe.train_config(seed=1)
+    assert (cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.eval_every, cfg.warmup_steps) == (
+        128,
+        2e-3,
+        0.05,
+        10,
+        20,
+    )
+    assert (recipe.mask_ratio, recipe.finetune_lr, recipe.patch_size, recipe.n_layers) == (0.75, 2e-3, 7, 4)
+    assert recipe.vit(28, 1)(torch.rand(2, 1, 28, 28)).shape == (2, 17, 64)

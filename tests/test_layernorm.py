@@ -15,6 +15,8 @@ from pretrain_nb.layernorm import (
     layer_grad_norms,
     layernorm_input_scales,
     layernorm_names,
+    layernorm_removal_run,
+    placement_setup,
     remove_layernorms,
     removal_stages,
     skip_layer_loss_change,
@@ -102,9 +104,8 @@ def test_fixed_scale_norm_is_layernorm_when_every_token_has_that_scale():
         ln.weight.uniform_(0.5, 2)
         ln.bias.uniform_(-1, 1)
     x = torch.randn(5, 6)
-    x = (x - x.mean(-1, keepdim=True)) / x.std(
-        -1, unbiased=False, keepdim=True
-    ) * 2.5 + 7  # every row: std 2.5
+    # every row: standard deviation 2.5
+    x = (x - x.mean(-1, keepdim=True)) / x.std(-1, unbiased=False, keepdim=True) * 2.5 + 7
     fixed = FixedScaleNorm(ln, math.sqrt(2.5**2 + ln.eps))
     assert torch.allclose(fixed(x), ln(x), atol=1e-5)
     assert fixed.weight is ln.weight and fixed.bias is ln.bias
@@ -171,10 +172,8 @@ def test_train_placement_records_diagnostics_and_repeats_exactly():
         mix_post_fraction=0.5,
     )
     prof = load_profile("smoke")
-    a, b = (
-        train_placement(seed=0, profile=prof, **settings),
-        train_placement(seed=0, profile=prof, **settings),
-    )
+    a = train_placement(seed=0, profile=prof, **settings)
+    b = train_placement(seed=0, profile=prof, **settings)
     h = a.history_frame()
     assert h.step.tolist() == [2, 4] and h.norm.tolist() == ["mix", "mix"] and a.run.mix_post_fraction == 0.5
     assert {"val_loss", "grad_norm_0", "grad_norm_1", "variance_1", "angle_0"} <= set(h.columns)
@@ -191,9 +190,9 @@ def test_fixed_subset_ignores_the_global_random_state():
     a = fixed_subset(x, 10, seed=7)
     torch.manual_seed(1)
     b = fixed_subset(x, 10, seed=7)
-    assert (
-        torch.equal(a, b) and len(set(a.tolist())) == 10 and not torch.equal(a, fixed_subset(x, 10, seed=8))
-    )
+    assert torch.equal(a, b)
+    assert len(set(a.tolist())) == 10
+    assert not torch.equal(a, fixed_subset(x, 10, seed=8))
 
 
 def test_the_sweep_functions_run_in_spawned_processes():
@@ -244,10 +243,36 @@ def test_placement_run_keeps_the_defaults_and_the_train_config():
         progress=False,
     )
     cfg = PlacementRun(norm="mix", mix_post_fraction=0.5).model_config(vocab_size=88)
-    assert (cfg.vocab_size, cfg.n_layers, cfg.d_model, cfg.norm, cfg.mix_post_fraction) == (
-        88,
-        12,
-        64,
-        "mix",
-        0.5,
-    )
+    assert (cfg.vocab_size, cfg.n_layers, cfg.d_model) == (88, 12, 64)
+    assert (cfg.norm, cfg.mix_post_fraction) == ("mix", 0.5)
+
+
+TINY_RUN = dict(n_layers=2, d_model=16, n_heads=2, block_size=16, n_val_blocks=8, n_probe_blocks=4)
+TINY_RUN |= dict(steps=2, batch_size=4, warmup_steps=1, eval_every=2)
+
+
+def test_placement_setup_batch_from_batch_seed_and_model_from_seed():
+    run = PlacementRun.from_settings(TINY_RUN)
+    a = placement_setup(run, seed=0, batch_seed=1)
+    other_seed = placement_setup(run, seed=1, batch_seed=1)
+    other_batch = placement_setup(run, seed=0, batch_seed=2)
+    assert a.val.shape == (8, 16) and a.fixed_batch.shape == (4, 16)
+    assert torch.equal(a.fixed_batch, other_seed.fixed_batch)
+    assert not torch.equal(a.fixed_batch, other_batch.fixed_batch)
+    assert torch.equal(a.model.tok_emb.weight, other_batch.model.tok_emb.weight)
+    assert not torch.equal(a.model.tok_emb.weight, other_seed.model.tok_emb.weight)
+
+
+def test_layernorm_removal_run_and_its_control():
+    prof = load_profile("smoke")
+    trained = train_placement(seed=0, profile=prof, keep_weights=True, diagnostics=False, **TINY_RUN)
+    args = dict(seed=0, profile=prof, weights=trained.weights, steps_per_stage=1, finetune_batch_size=4)
+    removed = layernorm_removal_run(remove=True, **args, **TINY_RUN)
+    kept = layernorm_removal_run(remove=False, **args, **TINY_RUN)
+    # Pre-LN, 2 blocks: two LayerNorms per block and the final one
+    assert removed.layernorms_left.tolist() == [5, 3, 1, 0]
+    assert kept.layernorms_left.tolist() == [5, 5, 5, 5]
+    assert removed.loss.iloc[0] == kept.loss.iloc[0]  # both start from the trained weights
+    assert set(removed.arm) == {"LayerNorm removed"} and set(kept.arm) == {"LayerNorm kept (control)"}
+    with pytest.raises(PretrainNbError, match="Unknown PlacementRun setting 'lr_finetune'"):
+        layernorm_removal_run(lr_finetune=1e-3, **args, **TINY_RUN)

@@ -1,28 +1,35 @@
-"""Language-model objectives (pretrain_nb.lm_objectives): corruption statistics, ELECTRA's labels and
-gradients, FLOPs, the objectives' table, the probe data, one run."""
+"""Language-model objectives (pretrain_nb.lm_objectives): corruption statistics, what each objective's loss
+reads, ELECTRA's labels and gradients, FLOPs against the models' weights, the objectives' table, the probe
+data, one run."""
 
 import math
 
 import pytest
 import torch
+from torch import nn
 
 from pretrain_nb.core import PretrainNbError, load_profile
 from pretrain_nb.data import MASK_ID, N_SPECIAL, PAD_ID, STATEMENT_KINDS, code_blocks, statement_kind_lines
 from pretrain_nb.lm_objectives import (
     OBJECTIVES,
+    Discriminator,
     Electra,
     ObjectiveResult,
     ObjectiveRun,
+    detector_flops,
+    electra_flops,
     generator_config,
     get_objective,
-    mlm_corrupt,
+    lm_flops,
+    mask_tokens,
+    masked_lm_flops,
     objective_data,
     pretrain_objective,
     replaced_labels,
     select_positions,
     substitute_random,
 )
-from pretrain_nb.models import TransformerConfig
+from pretrain_nb.models import GPT, MaskedLM, TransformerConfig, causal_lm_loss
 
 V = 100
 
@@ -53,21 +60,18 @@ def test_selection_rate_and_special_tokens_never_selected():
 def test_mlm_80_10_10_split_within_binomial_tolerance():
     torch.manual_seed(1)
     x = _tokens()
-    inputs, labels = mlm_corrupt(x, V)
+    inputs, labels = mask_tokens(x, V)
     sel = labels != -100
     n = int(sel.sum())
-    assert torch.equal(labels[sel], x[sel]) and torch.equal(
-        inputs[~sel], x[~sel]
-    )  # only selected positions change, and are the targets
+    assert torch.equal(labels[sel], x[sel])  # the selected positions are the targets
+    assert torch.equal(inputs[~sel], x[~sel])  # and only they change
     masked = (inputs[sel] == MASK_ID).float().mean().item()
     same = (inputs[sel] == x[sel]).float().mean().item()
     other = ((inputs[sel] != MASK_ID) & (inputs[sel] != x[sel])).float().mean().item()
     p_collide = 1 / (V - N_SPECIAL)  # a random replacement can equal the original
-    assert (
-        _within(masked, 0.8, n)
-        and _within(same, 0.1 + 0.1 * p_collide, n)
-        and _within(other, 0.1 * (1 - p_collide), n)
-    )
+    assert _within(masked, 0.8, n)
+    assert _within(same, 0.1 + 0.1 * p_collide, n)
+    assert _within(other, 0.1 * (1 - p_collide), n)
     assert (inputs[sel & (inputs != MASK_ID)] >= N_SPECIAL).all()  # random tokens are never special
     assert not sel[x < N_SPECIAL].any()
 
@@ -76,11 +80,13 @@ def test_substitution_and_the_equal_sample_counts_as_original_rule():
     torch.manual_seed(2)
     x = _tokens()
     inputs, sel = substitute_random(x, V)
-    assert torch.equal(inputs[~sel], x[~sel]) and (inputs[sel] >= N_SPECIAL).all()
+    assert torch.equal(inputs[~sel], x[~sel])
+    assert (inputs[sel] >= N_SPECIAL).all()
     labels = replaced_labels(inputs, x)
     assert torch.equal(labels.bool(), inputs != x)
     same = sel & (inputs == x)
-    assert same.any() and (labels[same] == 0).all()  # drawn equal to the original: labelled original
+    assert same.any()
+    assert (labels[same] == 0).all()  # drawn equal to the original: labelled original
     assert _within((labels[sel] == 1).float().mean().item(), 1 - 1 / (V - N_SPECIAL), int(sel.sum()))
 
 
@@ -88,7 +94,8 @@ def test_electra_shares_embeddings_and_the_discriminator_loss_does_not_train_the
     cfg = TransformerConfig(vocab_size=V, d_model=32, n_layers=1, n_heads=4)
     torch.manual_seed(0)
     model = get_objective("electra").model(cfg)
-    assert isinstance(model, Electra) and model.generator.embedding is model.discriminator.encoder.tok_emb
+    assert isinstance(model, Electra)
+    assert model.generator.embedding is model.discriminator.encoder.tok_emb
     assert generator_config(cfg).d_model == 8
     x = _tokens(8, 32)
     grads = []
@@ -105,9 +112,8 @@ def test_electra_shares_embeddings_and_the_discriminator_loss_does_not_train_the
                 ]
             )
         )
-    assert torch.allclose(
-        grads[0], grads[1]
-    )  # sampling is under no_grad: only the generator's own MLM loss reaches it
+    # sampling is under no_grad: only the generator's own MLM loss reaches it
+    assert torch.allclose(grads[0], grads[1])
     assert any(p.grad.abs().sum() > 0 for p in model.discriminator.head.parameters())
 
 
@@ -125,6 +131,76 @@ def test_flops_rank_the_objectives_and_count_the_generator():
         get_objective("t5")
 
 
+def _linear_weights(model):
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def test_flops_are_six_times_the_models_matmul_weights_plus_attention():
+    cfg = TransformerConfig(vocab_size=300, d_model=48, n_layers=2, n_heads=4)
+    T = 40
+    attention = 12 * cfg.n_layers * T * cfg.d_model
+    vocabulary = cfg.vocab_size * cfg.d_model  # the tied heads' scores through the embedding matrix
+    assert lm_flops(cfg, T) == 6 * _linear_weights(GPT(cfg)) + attention
+    assert masked_lm_flops(cfg, T) == 6 * (_linear_weights(MaskedLM(cfg)) + vocabulary) + attention
+    assert detector_flops(cfg, T) == 6 * _linear_weights(Discriminator(cfg)) + attention
+    generator = Electra(cfg).generator
+    g_attention = 12 * generator.cfg.n_layers * T * generator.cfg.d_model
+    generator_cost = 6 * (_linear_weights(generator) + vocabulary) + g_attention
+    assert electra_flops(cfg, T) - detector_flops(cfg, T) == generator_cost
+
+
+class _Recorder(nn.Module):
+    "Zero logits over `width` classes (or one per token), recording the inputs."
+
+    def __init__(self, width):
+        super().__init__()
+        self.width = width
+        self.seen = []
+
+    def forward(self, idx):
+        self.seen.append(idx)
+        return torch.zeros(*idx.shape, *([self.width] if self.width else []))
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_each_objective_reads_what_its_corruption_says(name):
+    objective = get_objective(name)
+    x = _tokens(32, 48)
+    torch.manual_seed(7)
+    model = objective.model(TransformerConfig(vocab_size=V, block_size=48, d_model=16, n_layers=1, n_heads=2))
+    torch.manual_seed(3)
+    corruption = objective.corrupt(model, x, V, 0.15)
+    assert corruption.inputs.shape == corruption.targets.shape == corruption.selected.shape == x.shape
+    assert torch.equal(corruption.inputs[~corruption.selected], x[~corruption.selected])
+    if objective.detects:  # a replaced (1) or original (0) label at every position
+        assert torch.equal(corruption.targets.bool(), corruption.inputs != x)
+    elif name == "clm":  # nothing corrupted; the next token everywhere but at the end
+        assert torch.equal(corruption.targets[:, :-1], x[:, 1:])
+        assert not corruption.selected.any()
+    else:  # the original token at the selected positions, nothing elsewhere
+        assert torch.equal(corruption.targets != -100, corruption.selected)
+        assert torch.equal(corruption.targets[corruption.selected], x[corruption.selected])
+    # the training loss is the registered loss of this corruption: the same random numbers, the same loss
+    torch.manual_seed(3)
+    trained = objective.loss_fn(V)(model, x)
+    torch.manual_seed(3)
+    assert torch.equal(trained, objective.loss(model, objective.corrupt(model, x, V, 0.15)))
+    recorder = _Recorder(None if objective.detects else V)
+    if name != "electra":  # a uniform model: ln |V| per token predicted, ln 2 per label
+        torch.manual_seed(3)
+        uniform = objective.loss_fn(V)(recorder, x).item()
+        assert uniform == pytest.approx(math.log(2) if objective.detects else math.log(V), abs=1e-5)
+        assert torch.equal(recorder.seen[0], corruption.inputs)
+
+
+def test_the_causal_lm_loss_is_the_shared_next_token_loss():
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=V, block_size=48, d_model=16, n_layers=1, n_heads=2)
+    model = GPT(cfg)
+    x = _tokens(8, 48)
+    assert torch.equal(get_objective("clm").loss_fn(V)(model, x), causal_lm_loss(model(x), x))
+
+
 def test_steps_come_from_the_flop_budget_unless_given():
     runs = {o: ObjectiveRun(objective=o) for o in OBJECTIVES}
     cfg = runs["mlm"].model_config()
@@ -134,11 +210,9 @@ def test_steps_come_from_the_flop_budget_unless_given():
             run.budget_flops / (get_objective(o).flops_per_token(cfg, 64) * tokens)
         )
         tcfg = run.train_config(seed=1)
-        assert (tcfg.steps, tcfg.eval_every, tcfg.warmup_steps) == (
-            run.total_steps(),
-            run.total_steps() // 4,
-            run.total_steps() // 10,
-        )
+        assert tcfg.steps == run.total_steps()
+        assert tcfg.eval_every == run.total_steps() // 4
+        assert tcfg.warmup_steps == run.total_steps() // 10
     assert ObjectiveRun(steps=7).total_steps() == 7
     assert ObjectiveRun(budget_flops=1.0).total_steps() == 4  # at least one step per probe
 
@@ -158,20 +232,21 @@ def test_every_objective_trains_and_a_run_repeats_exactly():
     )
     a = pretrain_objective(seed=0, profile=smoke, objective="electra", **settings)
     b = pretrain_objective(seed=0, profile=smoke, objective="electra", **settings)
-    assert isinstance(a, ObjectiveResult) and a.run.objective == "electra" and a.seed == 0
-    assert a.history["train_loss"] == b.history["train_loss"] and a.final_accuracy == b.final_accuracy
-    assert 0 <= a.final_accuracy <= 1 and a.steps >= 1
+    assert isinstance(a, ObjectiveResult)
+    assert (a.run.objective, a.seed) == ("electra", 0)
+    assert a.history["train_loss"] == b.history["train_loss"]
+    assert a.final_accuracy == b.final_accuracy
+    assert 0 <= a.final_accuracy <= 1
+    assert a.steps >= 1
     for o in ("clm", "mlm", "rts", "slm"):
         assert math.isfinite(
             pretrain_objective(seed=0, profile=smoke, objective=o, **settings).history["train_loss"][-1]
         )
     data = objective_data(512, 32, 10, 15)
     labels = data["probe_test"][2]
-    assert (
-        len(labels) <= 15 * len(STATEMENT_KINDS)
-        and labels.bincount().max() <= 15
-        and (data["probe_test"][1].sum(1) > 0).all()
-    )
+    assert len(labels) <= 15 * len(STATEMENT_KINDS)
+    assert labels.bincount().max() <= 15
+    assert (data["probe_test"][1].sum(1) > 0).all()
     with pytest.raises(PretrainNbError, match="valid ObjectiveRun settings"):
         pretrain_objective(seed=0, profile=smoke, objectve="mlm")
 
@@ -180,6 +255,7 @@ def test_the_probe_data_are_the_packages_code_blocks_and_statement_lines():
     data = objective_data(512, 32, 10, 15)
     code = code_blocks(512, 32, 10)
     lines = statement_kind_lines(code["tokenizer"], per_class=15)
-    assert torch.equal(data["blocks"], code["blocks"]) and data["vocab_size"] == code["vocab_size"]
+    assert torch.equal(data["blocks"], code["blocks"])
+    assert data["vocab_size"] == code["vocab_size"]
     for split in ("probe_train", "probe_test"):
         assert all(torch.equal(a, b) for a, b in zip(data[split], lines[split]))

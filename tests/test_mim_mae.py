@@ -48,19 +48,21 @@ def test_mae_encoder_never_sees_the_masked_patches():
     x = torch.rand(4, 1, 28, 28)
     torch.manual_seed(1)
     pred, mask, latent, keep = model(x, 0.75)
-    assert latent.shape == (4, 1 + 4, 32) and pred.shape == (4, 16, 49)
+    assert latent.shape == (4, 1 + 4, 32)
+    assert pred.shape == (4, 16, 49)
     noisy = patchify(x, 7).clone()
     noisy[mask] = torch.rand_like(noisy[mask])  # change only the masked patches
     torch.manual_seed(1)
     pred2, mask2, latent2, _ = model(unpatchify(noisy, 7, 1, 28, 28), 0.75)
-    assert torch.equal(mask, mask2) and torch.allclose(latent, latent2) and torch.allclose(pred, pred2)
+    assert torch.equal(mask, mask2)
+    assert torch.allclose(latent, latent2)
+    assert torch.allclose(pred, pred2)
 
 
 def test_normalized_targets_have_zero_mean_and_unit_variance_per_patch():
     p = normalize_patches(torch.rand(3, 16, 49) * 5 + 2)
-    assert torch.allclose(p.mean(-1), torch.zeros(3, 16), atol=1e-5) and torch.allclose(
-        p.var(-1, unbiased=False), torch.ones(3, 16), atol=1e-3
-    )
+    assert torch.allclose(p.mean(-1), torch.zeros(3, 16), atol=1e-5)
+    assert torch.allclose(p.var(-1, unbiased=False), torch.ones(3, 16), atol=1e-3)
 
 
 def test_mr_mae_loss_adds_the_mimic_term_and_leaves_the_teacher_frozen():
@@ -75,18 +77,20 @@ def test_mr_mae_loss_adds_the_mimic_term_and_leaves_the_teacher_frozen():
     mixed = mae_step_loss(0.75, teacher=teacher, mimic_weight=1.0)(student, x)
     assert mixed > plain
     mixed.backward()
-    assert student.mimic_head.weight.grad is not None and all(
-        p.grad is None and not p.requires_grad for p in teacher.parameters()
-    )
+    assert student.mimic_head.weight.grad is not None
+    assert all(p.grad is None for p in teacher.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     t = torch.randn(2, 5, 32)
-    assert mimic_loss(F.layer_norm(t, (32,)), t).item() < 1e-10 and mimic_loss(t, t) > 0
+    assert mimic_loss(F.layer_norm(t, (32,)), t).item() < 1e-10
+    assert mimic_loss(t, t) > 0
 
 
 def test_efficient_probe_attention_is_a_distribution_and_finds_a_needle():
     probe = EfficientProbe(16, 2, n_queries=2)
     a = probe.attention(torch.randn(5, 8, 16))
-    assert a.shape == (5, 2, 8) and torch.allclose(a.sum(-1), torch.ones(5, 2))
+    assert a.shape == (5, 2, 8)
+    assert torch.allclose(a.sum(-1), torch.ones(5, 2))
     g = torch.Generator().manual_seed(0)
     tokens, y = torch.randn(600, 8, 16, generator=g), torch.randint(0, 2, (600,), generator=g)
     where = torch.randint(0, 8, (600,), generator=g)
@@ -135,6 +139,9 @@ def test_the_run_defaults_are_those_of_the_mae_runs():
     # a tenth of the steps warms up, twenty evaluations, AdamW's betas as MAE's
     assert (cfg.schedule, cfg.warmup_steps, cfg.eval_every, cfg.seed) == ("cosine", 100, 50, 3)
     assert cfg.betas == (0.9, 0.95)
+    # the notebooks that reuse MAE's encoder read its kind of positions from the settings
+    assert run.positions == "sincos"
+    assert MAE(run.transformer_config(), run.decoder_config()).encoder.positions.kind == run.positions
 
 
 def test_one_run_repeats_exactly_and_wrong_settings_are_one_sentence():
@@ -156,15 +163,33 @@ def test_one_run_repeats_exactly_and_wrong_settings_are_one_sentence():
     except PretrainNbError as e:
         pytest.skip(f"Fashion-MNIST is not installed here: {e}")
     b = pretrain_mae(seed=0, profile=smoke, **settings)
-    assert isinstance(a, MAEResult) and a.run == MAERun(**settings) and a.seed == 0
-    assert a.final_loss == b.final_loss and a.recon_error == b.recon_error
-    assert a.shown["pasted"].shape == (8, 1, 28, 28) and a.history["step"][-1] == 4
-    ev = evaluate_encoder(seed=0, profile=smoke, encoder_state=a.encoder, finetune_fraction=1.0, **settings)
-    assert isinstance(ev, EncoderEvaluation) and ev.run.probe_steps == 5
+    assert isinstance(a, MAEResult)
+    assert a.run == MAERun(**settings)
+    assert a.seed == 0
+    assert a.final_loss == b.final_loss
+    assert a.recon_error == b.recon_error
+    assert a.shown["pasted"].shape == (8, 1, 28, 28)
+    assert a.history["step"][-1] == 4
+    ev = evaluate_encoder(
+        seed=0, profile=smoke, encoder_state=a.encoder, source=a.run, finetune_fraction=1.0, **settings
+    )
+    assert isinstance(ev, EncoderEvaluation)
+    # the evaluation records what it evaluated (the pre-training run) apart from how (its own settings)
+    assert ev.source == a.run
+    assert ev.settings.probe_steps == 5
+    assert ev.finetune_fraction == 1.0
     assert all(0 <= x <= 1 for x in (ev.linear, ev.ep, ev.linear_adamw, ev.finetune))
-    frozen_only = evaluate_encoder(seed=0, profile=smoke, encoder_state=a.encoder, **settings)
-    assert math.isnan(frozen_only.finetune) and frozen_only.linear == ev.linear
+    frozen_only = evaluate_encoder(seed=0, profile=smoke, encoder_state=a.encoder, source=a.run, **settings)
+    assert math.isnan(frozen_only.finetune)
+    assert frozen_only.finetune_fraction is None
+    assert frozen_only.linear == ev.linear
     assert frozen_only.ep == ev.ep  # the probes do not depend on whether the encoder is fine-tuned after
+    random_init = evaluate_encoder(seed=0, profile=smoke, encoder_state=None, **settings)
+    assert random_init.source is None
+    with pytest.raises(PretrainNbError, match="source"):
+        evaluate_encoder(seed=0, profile=smoke, encoder_state=a.encoder, **settings)
+    with pytest.raises(PretrainNbError, match="source"):
+        evaluate_encoder(seed=0, profile=smoke, encoder_state=None, source=a.run, **settings)
     with pytest.raises(PretrainNbError, match="needs teacher_state"):
         pretrain_mae(seed=0, profile=smoke, mimic_weight=1.0, **settings)
     with pytest.raises(PretrainNbError, match="valid MAERun settings"):

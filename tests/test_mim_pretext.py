@@ -1,6 +1,7 @@
 """Position prediction (MP3, DropPos) and Selfie (pretrain_nb.mim_pretext): hiding, the losses' targets,
 and the runs."""
 
+import dataclasses
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 
 from pretrain_nb.core import PretrainNbError, load_profile
 from pretrain_nb.mim_pretext import (
+    PRETEXT_METHODS,
     PositionPredictor,
     PretextResult,
     PretextRun,
@@ -21,7 +23,7 @@ from pretrain_nb.mim_pretext import (
     selfie_accuracy,
     selfie_loss,
 )
-from pretrain_nb.models import TransformerConfig, ViT, gather_tokens, unpatchify
+from pretrain_nb.models import TransformerConfig, ViT, gather_tokens, patchify, random_masking, unpatchify
 
 CFG = TransformerConfig(d_model=32, n_layers=2, n_heads=4)
 
@@ -40,7 +42,8 @@ def test_hiding_withholds_an_exact_share_per_row_at_random_places(fraction, expe
     hide = hide_random_positions(200, 8, fraction)
     assert (hide.sum(1) == expected).all()
     if expected < 8:
-        assert len({tuple(r.tolist()) for r in hide}) >= min(10, math.comb(8, expected))  # per-row draws
+        # per-row draws
+        assert len({tuple(r.tolist()) for r in hide}) >= min(10, math.comb(8, expected))
     with pytest.raises(PretrainNbError, match=r"must lie in \(0, 1\]"):
         hide_random_positions(2, 8, 0.0)
 
@@ -66,7 +69,8 @@ def test_position_loss_targets_the_true_places_so_a_model_can_learn_them():
         opt.step()
     assert loss.item() < 0.3 * math.log(16)
     conf = position_confusion(model, _place_coded_images(50, seed=1))
-    assert conf.sum() == 50 * 16 and (conf.sum(1) == 50).all()
+    assert conf.sum() == 50 * 16
+    assert (conf.sum(1) == 50).all()
     assert conf.diagonal().sum() / conf.sum() > 0.9
 
 
@@ -87,9 +91,29 @@ def test_selfie_scores_the_masked_places_against_the_masked_patches_with_the_dia
         opt.step()
     torch.manual_seed(1)
     with torch.no_grad():
-        assert (
-            selfie_accuracy(model(_place_coded_images(50, seed=1), 0.75)) > 0.5
-        )  # chance is 1/12; only learnable if place i is scored against patch i
+        accuracy = selfie_accuracy(model(_place_coded_images(50, seed=1), 0.75))
+    assert accuracy > 0.5  # chance is 1/12; only learnable if place i is scored against patch i
+
+
+def test_selfie_candidates_are_the_masked_patches_and_queries_see_only_the_visible_ones():
+    torch.manual_seed(0)
+    model = Selfie(ViT(CFG, positions="sincos")).eval()
+    x = torch.rand(3, 1, 28, 28)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        scores = model(x, 0.75)
+    torch.manual_seed(1)
+    _, _, restore = random_masking(3, 16, 0.75)
+    masked = restore.argsort(dim=1)[:, 4:]  # the places of the score's rows and columns
+    order = torch.randperm(12)
+    patches = patchify(x, 7).clone()
+    rows = torch.arange(3)[:, None]
+    patches[rows, masked] = patches[rows, masked[:, order]]  # shuffle the contents of the masked places
+    torch.manual_seed(1)  # the same masks
+    with torch.no_grad():
+        shuffled = model(unpatchify(patches, 7, 1, 28, 28), 0.75)
+    # the candidates' columns are shuffled with them; every place's query is unchanged
+    assert torch.allclose(shuffled, scores[:, :, order], atol=1e-5)
 
 
 def test_the_run_defaults_are_those_of_the_pretext_runs():
@@ -102,7 +126,34 @@ def test_the_run_defaults_are_those_of_the_pretext_runs():
     assert (run.n_pretrain, run.n_probe_train, run.n_probe_test) == (54_000, 6_000, 5_000)
     cfg = run.train_config(seed=1)
     assert (cfg.warmup_steps, cfg.eval_every, cfg.seed) == (100, 50, 1)
-    assert run.positions == "none" and PretextRun(method="droppos").positions == "sincos"
+    assert run.positions == "none"
+    assert PretextRun(method="droppos").positions == "sincos"
+
+
+def test_each_method_is_registered_once_with_its_model_loss_positions_and_diagnostics():
+    assert list(PRETEXT_METHODS) == ["mp3", "droppos", "selfie"]
+    assert PRETEXT_METHODS["mp3"].positions == "none"
+    assert PRETEXT_METHODS["droppos"].positions == "sincos"
+    assert PRETEXT_METHODS["selfie"].model is Selfie
+    x = _place_coded_images(4)
+    for name, method in PRETEXT_METHODS.items():
+        assert PretextRun(method=name).pretext is method
+        torch.manual_seed(0)
+        model = method.model(ViT(CFG, positions=method.positions)).eval()
+        torch.manual_seed(1)
+        loss = method.loss(model, x, mask_ratio=0.5, position_drop=0.75)
+        assert loss.ndim == 0
+        assert loss.item() > 0
+        fields = method.diagnostics(model, x, mask_ratio=0.5, n_show=2)
+        assert set(fields) <= {f.name for f in dataclasses.fields(PretextResult)}
+    # MP3 predicts every visible token's place whatever position_drop says; DropPos the share it withholds
+    model = PositionPredictor(ViT(CFG, positions="none"))
+    values = {}
+    for name, drop in (("mp3", 0.25), ("droppos", 1.0), ("droppos", 0.25)):
+        torch.manual_seed(2)
+        values[name, drop] = PRETEXT_METHODS[name].loss(model, x, mask_ratio=0.5, position_drop=drop).item()
+    assert values["mp3", 0.25] == values["droppos", 1.0]
+    assert values["mp3", 0.25] != values["droppos", 0.25]
 
 
 def test_runs_repeat_exactly_fine_tune_on_the_plan_and_refuse_wrong_settings():
@@ -123,12 +174,19 @@ def test_runs_repeat_exactly_fine_tune_on_the_plan_and_refuse_wrong_settings():
     except PretrainNbError as e:
         pytest.skip(f"Fashion-MNIST is not installed here: {e}")
     b = pretrain_pretext(seed=0, profile=smoke, method="mp3", mask_ratio=0.5, **settings)
-    assert isinstance(a, PretextResult) and a.run.method == "mp3" and a.run.mask_ratio == 0.5
-    assert a.final_loss == b.final_loss and a.history["step"][-1] == 3
-    assert a.confusion.sum() == 40 * 16 and a.placements.shape == (6, 16) and 0 <= a.position_accuracy <= 1
+    assert isinstance(a, PretextResult)
+    assert a.run.method == "mp3"
+    assert a.run.mask_ratio == 0.5
+    assert a.final_loss == b.final_loss
+    assert a.history["step"][-1] == 3
+    assert a.confusion.sum() == 40 * 16
+    assert a.placements.shape == (6, 16)
+    assert 0 <= a.position_accuracy <= 1
     assert math.isnan(a.selection_accuracy)
     s = pretrain_pretext(seed=0, profile=smoke, method="selfie", **settings)
-    assert 0 <= s.selection_accuracy <= 1 and s.confusion is None and math.isnan(s.position_accuracy)
+    assert 0 <= s.selection_accuracy <= 1
+    assert s.confusion is None
+    assert math.isnan(s.position_accuracy)
     rows = finetune_fractions(
         seed=0, profile=smoke, encoder_state=a.encoder, positions="none", finetune_seeds=(0, 7), **settings
     )

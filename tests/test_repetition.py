@@ -125,29 +125,29 @@ TINY = dict(n_layers=1, d_model=16, steps=16, batch_size=8, eval_every=8, n_val_
 
 def test_run_is_deterministic_counts_epochs_and_rejects_unknown_settings():
     profile = load_profile("smoke")
-    a = train_on_repeats(TINY | dict(epochs=4), seed=0, profile=profile, keep_state=True)
-    b = train_on_repeats(TINY | dict(epochs=4), seed=0, profile=profile)
+    a = train_on_repeats(seed=0, profile=profile, keep_weights=True, epochs=4, **TINY)
+    b = train_on_repeats(seed=0, profile=profile, epochs=4, **TINY)
     assert a.final_loss == b.final_loss and a.history == b.history
     assert a.n_unique_blocks == 32 and a.history["epochs_seen"][-1] == 4.0
-    assert a.rise == pytest.approx(a.final_loss - a.best_loss) and a.state is not None and b.state is None
+    assert a.rise == pytest.approx(a.final_loss - a.best_loss)
+    assert a.weights is not None and b.weights is None
     assert isinstance(a, RunResult) and a.run == RepetitionRun(**TINY, epochs=4) and a.seed == 0
-    c = train_on_repeats(TINY | dict(epochs=4, weight_decay=3.0), seed=0, profile=profile)
+    c = train_on_repeats(seed=0, profile=profile, epochs=4, weight_decay=3.0, **TINY)
     assert c.final_loss != a.final_loss and c.run.weight_decay == 3.0
     with pytest.raises(
         PretrainNbError,
         match="Unknown RepetitionRun setting 'epoch'; valid RepetitionRun settings are: batch_size",
     ):
-        train_on_repeats(TINY | dict(epoch=4), seed=0, profile=profile)
+        train_on_repeats(seed=0, profile=profile, epoch=4, **TINY)
 
 
 def test_distillation_run_moves_the_student_towards_its_teachers():
     profile = load_profile("smoke")
     teachers = [
-        train_on_repeats(TINY | dict(epochs=2), seed=s, profile=profile, keep_state=True).state
-        for s in (0, 1)
+        train_on_repeats(seed=s, profile=profile, keep_weights=True, epochs=2, **TINY).weights for s in (0, 1)
     ]
-    student = train_on_repeats(TINY | dict(epochs=2), seed=5, profile=profile, teachers=teachers)
-    plain = train_on_repeats(TINY | dict(epochs=2), seed=5, profile=profile)
+    student = train_on_repeats(seed=5, profile=profile, teachers=teachers, epochs=2, **TINY)
+    plain = train_on_repeats(seed=5, profile=profile, epochs=2, **TINY)
     assert math.isfinite(student.final_loss) and student.final_loss != plain.final_loss
     # the KL to the teachers falls
     assert student.history["train_loss"][-1] < student.history["train_loss"][0]

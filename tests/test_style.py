@@ -87,3 +87,54 @@ def test_every_notebook_has_its_part_number():
     for name in notebook_files(ROOT):
         assert name == "_template" or re.fullmatch(r"\d\d_[a-z0-9_]+", name), f"{name}: not NN_name"
         assert name == "_template" or name[0] in PARTS, f"{name}: {name[0]}x is not a part"
+
+
+def _is_check(node) -> bool:
+    "An assert, or a raise of AssertionError (the `try: ... except: ... else: raise` demos)."
+    if isinstance(node, ast.Assert):
+        return True
+    return isinstance(node, ast.Raise) and "AssertionError" in ast.unparse(node.exc or ast.Constant(""))
+
+
+@pytest.mark.parametrize("name", list(notebook_files(ROOT)))
+def test_every_exported_definition_is_followed_by_a_demo_that_checks_it(name):
+    """fastai-course style: an export cell that defines something is followed (the parameters cell aside) by
+    a code cell that is not exported and asserts something."""
+    import nbformat
+
+    cells = [
+        c for c in nbformat.read(ROOT / "nbs" / f"{name}.ipynb", as_version=4).cells if c.cell_type == "code"
+    ]
+    cells = [c for c in cells if "parameters" not in c.metadata.get("tags", [])]
+    missing = []
+    for cell, after in zip(cells, [*cells[1:], None]):
+        if not cell.source.startswith("#| export"):
+            continue
+        defined = [
+            n.name for n in ast.parse(cell.source).body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+        ]
+        demo = after is not None and not after.source.startswith("#| export")
+        if defined and not (demo and any(_is_check(n) for n in ast.walk(ast.parse(after.source)))):
+            missing.append(", ".join(defined))
+    assert not missing, f"{name}: no demo with an assertion after the export cell of {missing}"
+
+
+def test_every_module_says_which_notebook_it_comes_from_and_is_listed_in_the_package():
+    init = (PACKAGE / "__init__.py").read_text()
+    for path in sorted(PACKAGE.glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+        source = re.search(r"Source: `nbs/(\w+)\.ipynb`\.$", doc)
+        assert source, (
+            f"{path.name}: the module docstring must end with its notebook (Source: `nbs/NAME.ipynb`.)"
+        )
+        assert (ROOT / "nbs" / f"{source[1]}.ipynb").is_file(), (
+            f"{path.name} names a notebook that does not exist"
+        )
+        assert f"`pretrain_nb.{path.stem}`" in init, (
+            f"pretrain_nb.{path.stem} is missing from __init__'s Modules"
+        )
+        assert "this notebook" not in doc.lower(), (
+            f"{path.name}: the docstring describes a notebook, not the module"
+        )

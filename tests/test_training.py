@@ -182,3 +182,37 @@ def test_two_processes_match_one(tmp_path):
     for k, v in one.items():
         assert torch.allclose(v, two[k], atol=1e-5), f"{k} differs by {(v - two[k]).abs().max():.2e}"
     assert max((two[k] - init[k]).abs().max() for k in two) > 1e-3  # the parameters did train
+
+
+def test_run_settings_build_the_train_config_a_family_states():
+    import dataclasses
+
+    from pretrain_nb.training import RunResult, RunSettings, TrainConfig, history_columns
+
+    @dataclasses.dataclass
+    class Sweep(RunSettings):
+        width: int = 8
+        steps: int = 200
+        lr: float = 1e-3
+
+    cfg = Sweep().train_config(seed=5)
+    expected = TrainConfig(
+        steps=200,
+        batch_size=32,
+        lr=1e-3,
+        weight_decay=0.1,
+        schedule="cosine",
+        warmup_steps=20,
+        eval_every=20,
+        seed=5,
+        progress=False,
+    )
+    assert cfg == expected
+    assert Sweep(warmup_steps=0, eval_every=7).train_config(0, shuffle=False).shuffle is False
+    assert Sweep(steps=5).train_config(0).warmup_steps == 1  # at least one warmup step
+    assert Sweep.from_settings({"width": 4, "steps": 10}) == Sweep(width=4, steps=10)
+    with pytest.raises(PretrainNbError, match="valid Sweep settings are: .*width"):
+        Sweep.from_settings({"widht": 4})
+    history = __import__("pandas").DataFrame({"step": [1, 2], "train_loss": [0.5, 0.4], "lr": [1.0, 0.5]})
+    result = RunResult(Sweep(), 0, history_columns(history, "step", "train_loss"))
+    assert result.history == {"step": [1, 2], "train_loss": [0.5, 0.4]} and result.run.width == 8
