@@ -25,7 +25,7 @@ import torch
 # %% auto #0
 __all__ = ['PretrainNbError', 'one_of', 'settings_from', 'repo_root', 'Profile', 'profile_names', 'load_profile',
            'seed_everything', 'make_accelerator', 'map_calls', 'map_runs', 'RunPaths', 'run_paths', 'save_figure',
-           'git_commit', 'environment_info', 'is_headless', 'interactive_or_static']
+           'git_commit', 'cpu_model', 'environment_info', 'is_headless', 'interactive_or_static']
 
 # %% ../nbs/00_core.ipynb #f4dfe87e
 class PretrainNbError(Exception):
@@ -346,6 +346,20 @@ def git_commit(root: str | Path | None = None) -> dict:
     return {"commit": commit or "unknown", "dirty": bool(status)}
 
 # %% ../nbs/00_core.ipynb #693fbc65
+def cpu_model() -> str:
+    "The CPU's model name (from /proc/cpuinfo on Linux, sysctl on macOS), or the platform's best guess."
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    if sys.platform == "darwin":
+        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    return platform.processor() or platform.machine() or "unknown"
+
+# %% ../nbs/00_core.ipynb #a621a533
 def environment_info() -> dict:
     "Hardware and library versions of this process, for results.json."
     import importlib.metadata as md
@@ -361,6 +375,9 @@ def environment_info() -> dict:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "processor": platform.processor() or None,
+        "cpu_model": cpu_model(),
+        # the vector instructions torch's CPU kernels use: floats differ slightly between them
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "gpu": gpu,

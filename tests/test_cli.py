@@ -1,6 +1,7 @@
 """The pretrain-nb command: list, run and report on the template, course, and one-sentence errors."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -145,3 +146,38 @@ def test_student_notebook_keeps_other_cells():
 def test_main_returns_exit_codes(capsys):
     assert main(["run", "nope"]) == 2
     assert "valid notebooks are" in capsys.readouterr().err
+
+
+def _committed(name):
+    return json.loads((ROOT / "figures" / name / "results.json").read_text())
+
+
+def test_verify_compares_a_run_with_the_committed_results(runs_dir, capsys):
+    committed = _committed("_template")
+    fresh = runs_dir / "standard" / "_template"
+    fresh.mkdir(parents=True)
+    (fresh / "results.json").write_text(json.dumps(committed))
+    assert main(["verify", "_template", "--no-run"]) == 0  # the same numbers: every verdict held
+    out = capsys.readouterr().out
+    assert (
+        "verdict: " in out and "largest relative difference: 0.00%" in out and "0 verdict(s) changed" in out
+    )
+    changed = json.loads(json.dumps(committed))
+    claim = changed["claims"][0]
+    claim["verdict"] = "inconclusive" if claim["verdict"] != "inconclusive" else "reproduced"
+    first_arm = next(iter(claim["arms"]))
+    claim["arms"][first_arm][0] *= 1.01
+    (fresh / "results.json").write_text(json.dumps(changed))
+    assert main(["verify", "_template", "--no-run"]) == 1  # a changed verdict: exit status 1
+    out = capsys.readouterr().out
+    assert "CHANGED" in out and "0.99%" in out and f"({first_arm}, value 0)" in out
+
+
+def test_verify_mistakes_are_one_sentence(runs_dir):
+    done = cli("verify", "_template", "--no-run", env=os.environ | {"PRETRAIN_NB_RUNS_DIR": str(runs_dir)})
+    assert done.returncode == 2 and "does not exist; run 'pretrain-nb verify _template' without --no-run" in (
+        done.stderr
+    )
+    assert "Traceback" not in done.stderr
+    done = cli("verify")
+    assert done.returncode == 2 and "required: NAME" in done.stderr
