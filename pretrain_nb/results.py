@@ -455,7 +455,7 @@ def judge(
 
 # %% ../nbs/00_results.ipynb #cc19a7a4
 def _content_bytes(data) -> bytes:
-    "Bytes that identify `data`: array contents with dtype and shape, or text."
+    "Bytes that identify `data`: array contents with dtype and shape, or the texts of a sequence of strings."
     import torch
 
     if isinstance(data, torch.Tensor):
@@ -463,8 +463,10 @@ def _content_bytes(data) -> bytes:
     if isinstance(data, np.ndarray):
         head = f"{data.dtype}{data.shape}".encode()
         return head + np.ascontiguousarray(data).tobytes()
-    if isinstance(data, (list, tuple)) and all(isinstance(x, str) for x in data):
-        return "\n".join(data).encode()
+    if not isinstance(data, (str, bytes, Mapping)) and hasattr(data, "__iter__") and hasattr(data, "__len__"):
+        data = list(data)  # a list, or a column of a datasets.Dataset
+        if all(isinstance(x, str) for x in data):
+            return "\n".join(data).encode()
     raise PretrainNbError(
         f"fingerprint takes a tensor, an array or a list of strings, not {type(data).__name__}."
     )
