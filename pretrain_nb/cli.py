@@ -289,7 +289,8 @@ def _preconditions(c: dict) -> str:
     if not pre:
         return "none"
     return "; ".join(
-        f"{p['description']}: {'holds' if p['verdict'] == 'reproduced' else 'fails'}" for p in pre
+        f"{p['description']}: {'holds' if p.get('holds', p['verdict'] == 'reproduced') else 'fails'}"
+        for p in pre
     )
 
 

@@ -62,6 +62,8 @@ class Verdict:
     verdict: str
     detail: str
     parts: tuple = ()  # (phrase, rule description, Verdict) for each part of a compound rule
+    effect: float | None = None  # the mean effect a simple rule measured
+    min_effect: float | None = None  # and the minimum it declared
 
 # %% ../nbs/00_results.ipynb #4dcc9e3c
 def _mean_se(x: np.ndarray) -> tuple[float, float]:
@@ -104,10 +106,12 @@ def decide_effect(
     )
     if upper < min_effect:
         why = "significantly in the wrong direction" if upper < 0 else "ruled out: below the minimum effect"
-        return Verdict(NOT_REPRODUCED, f"{detail}: {why}")
-    if lower > 0:
-        return Verdict(REPRODUCED, f"{detail}: significantly in the predicted direction")
-    return Verdict(INCONCLUSIVE, f"{detail}: the interval holds both zero and the minimum effect")
+        verdict = NOT_REPRODUCED
+    elif lower > 0:
+        why, verdict = "significantly in the predicted direction", REPRODUCED
+    else:
+        why, verdict = "the interval holds both zero and the minimum effect", INCONCLUSIVE
+    return Verdict(verdict, f"{detail}: {why}", (), mean, min_effect)
 
 # %% ../nbs/00_results.ipynb #e14e606c
 def simulate_verdicts(
@@ -276,10 +280,12 @@ def spread_below(a: str, b: str, *, min_ratio: float, phrase: str | None = None,
             f"minimum ratio {min_ratio:g}"
         )
         if upper < min_ratio:
-            return Verdict(NOT_REPRODUCED, detail + ": ruled out")
-        if lower > 1:
-            return Verdict(REPRODUCED, detail + ": significantly smaller spread")
-        return Verdict(INCONCLUSIVE, detail + ": the interval holds both 1 and the minimum ratio")
+            why, verdict = "ruled out", NOT_REPRODUCED
+        elif lower > 1:
+            why, verdict = "significantly smaller spread", REPRODUCED
+        else:
+            why, verdict = "the interval holds both 1 and the minimum ratio", INCONCLUSIVE
+        return Verdict(verdict, f"{detail}: {why}", (), math.sqrt(ratio), min_ratio)
 
     return Rule(description, decide, (a, b), phrase)
 
@@ -347,10 +353,20 @@ class Paper:
 # %% ../nbs/00_results.ipynb #a8909e11
 @dataclasses.dataclass(frozen=True)
 class Precondition:
-    "A check that the setup behind a claim worked: a description and the rule that must be reproduced."
+    """A check that the setup behind a claim worked: a description and a rule. It holds when the rule is
+    reproduced (significantly in its direction) *and* its mean effect reaches the rule's minimum effect,
+    which is the margin the description states."""
 
     description: str
     rule: Rule
+
+    @staticmethod
+    def holds(outcome: Verdict) -> bool:
+        "Whether a precondition's outcome holds: reproduced, by at least its margin, in every part."
+        if outcome.parts:
+            return all(Precondition.holds(res) for _, _, res in outcome.parts)
+        margin_met = outcome.effect is None or outcome.effect >= outcome.min_effect
+        return outcome.verdict == REPRODUCED and margin_met
 
 # %% ../nbs/00_results.ipynb #b514ac6b
 @dataclasses.dataclass(frozen=True)
@@ -381,7 +397,7 @@ class Claim:
         if not self.preconditions:
             return "none"
         return "; ".join(
-            f"{p['description']}: {'holds' if p['verdict'] == REPRODUCED else 'fails'} ({p['detail']})"
+            f"{p['description']}: {'holds' if p['holds'] else 'fails'} ({p['detail']})"
             for p in self.preconditions
         )
 
@@ -410,7 +426,7 @@ def _part_records(rule: Rule, outcome: Verdict) -> tuple:
 def _outcome(v: Verdict) -> dict:
     return {"verdict": v.verdict, "detail": v.detail}
 
-# %% ../nbs/00_results.ipynb #2830334c
+# %% ../nbs/00_results.ipynb #6d4f2462
 def judge(
     paper: Paper,
     quote: str,
@@ -434,7 +450,7 @@ def judge(
     checks = [(p, p.rule(arms)) for p in preconditions]
     outcome = rule(arms)
     failed = [
-        f"{p.description}: {res.verdict} ({res.detail})" for p, res in checks if res.verdict != REPRODUCED
+        f"{p.description}: {res.verdict} ({res.detail})" for p, res in checks if not Precondition.holds(res)
     ]
     if failed:
         verdict, detail = NOT_LEARNED, "precondition not met: " + "; ".join(failed)
@@ -447,7 +463,9 @@ def judge(
         )
     arms = {k: [float(x) for x in np.asarray(v, float).ravel()] for k, v in arms.items()}
     pre = tuple(
-        {"description": p.description, "rule": p.rule.description, **_outcome(res)} for p, res in checks
+        {"description": p.description, "rule": p.rule.description, "holds": Precondition.holds(res)}
+        | _outcome(res)
+        for p, res in checks
     )
     return Claim(
         paper, quote, metric, arms, rule.description, verdict, detail, pre, _part_records(rule, outcome)

@@ -283,3 +283,11 @@ def test_run_writes_results_json(runs_dir):
     assert run.prose("{data[texts][examples]} texts, {metrics[steps]} steps").data == "2 texts, 10 steps"
     with pytest.raises(PretrainNbError, match="has not recorded"):
         run.prose("{data[probe][examples]}")
+
+
+def test_a_precondition_needs_its_margin_not_only_significance():
+    setup = Precondition("new beats untrained by 2 points", beats("new", "untrained", min_effect=0.02))
+    barely = GOOD | {"untrained": [0.804, 0.815, 0.805]}  # 1.2 points ahead on average: significant
+    assert setup.rule(barely).verdict == REPRODUCED and not Precondition.holds(setup.rule(barely))
+    c = judge(Paper("A paper", 2024), QUOTE, "acc", barely, better(), [setup])
+    assert c.verdict == NOT_LEARNED and c.preconditions[0]["holds"] is False
