@@ -40,8 +40,8 @@ __all__ = ['OBJECTIVES', 'select_positions', 'random_tokens', 'mask_tokens', 'su
            'Discriminator', 'generator_config', 'Generator', 'Electra', 'encoder_states', 'Corruption',
            'token_prediction_loss', 'replaced_detection_loss', 'clm_corruption', 'mlm_corruption', 'electra_corruption',
            'electra_loss', 'rts_corruption', 'slm_corruption', 'lm_flops', 'masked_lm_flops', 'detector_flops',
-           'electra_flops', 'Objective', 'get_objective', 'objective_data', 'statement_probe', 'ObjectiveRun',
-           'ObjectiveResult', 'pretrain_objective']
+           'electra_flops', 'Objective', 'get_objective', 'objective_data', 'statement_probe', 'bag_of_tokens_probe',
+           'ObjectiveRun', 'ObjectiveResult', 'pretrain_objective']
 
 # %% ../nbs/20_lm_objectives.ipynb #8b4ed6e6
 def select_positions(tokens: torch.Tensor, rate: float = 0.15) -> torch.Tensor:
@@ -349,6 +349,18 @@ def statement_probe(model: nn.Module, data: dict) -> float:
         )
         feats[split] = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
     model.train(was_training)
+    return linear_probe(
+        feats["probe_train"], data["probe_train"][2], feats["probe_test"], data["probe_test"][2]
+    )
+
+# %% ../nbs/20_lm_objectives.ipynb #faa5ca00
+def bag_of_tokens_probe(data: dict) -> float:
+    """The model-free baseline of the statement-kind task: the logistic regression of `statement_probe` on
+    each line's token counts (padding left out)."""
+    feats = {}
+    for split in ("probe_train", "probe_test"):
+        ids, mask, _ = data[split]
+        feats[split] = torch.zeros(len(ids), data["vocab_size"]).scatter_add_(1, ids, mask.float())
     return linear_probe(
         feats["probe_train"], data["probe_train"][2], feats["probe_test"], data["probe_test"][2]
     )

@@ -22,7 +22,7 @@ from .training import RunResult, RunSettings, history_columns, train
 # %% auto #0
 __all__ = ['MODES', 'DENOISERS', 'OBJECTIVE_MIXES', 'Vocab', 'span_counts', 'span_lengths', 'noise_mask', 'span_corrupt',
            'undo_span_corruption', 'denoise_batch', 'target_token_losses', 'target_loss', 'DenoiserMix', 'ul2_loss',
-           'UL2Run', 'ul2_data', 'measure', 'UL2Result', 'pretrain_ul2']
+           'UL2Run', 'ul2_data', 'unigram_loss', 'measure', 'UL2Result', 'pretrain_ul2']
 
 # %% ../nbs/21_ul2.ipynb #9ac7aca5
 MODES = ("R", "X", "S")
@@ -251,6 +251,13 @@ def ul2_data(run: UL2Run) -> dict:
         "vocab": Vocab(tokenizer.vocab_size, run.n_sentinels),
         "tokenizer": tokenizer,
     }
+
+# %% ../nbs/21_ul2.ipynb #c2b2cf17
+def unigram_loss(train: torch.Tensor, held_out: torch.Tensor, vocab_size: int) -> float:
+    """Cross-entropy (nats per token) of the `held_out` token ids under the frequencies of the `train` ones,
+    add-one smoothed: the loss of a model that ignores the context."""
+    counts = torch.bincount(train.flatten(), minlength=vocab_size).double() + 1
+    return float(-(counts / counts.sum()).log()[held_out.flatten()].mean())
 
 # %% ../nbs/21_ul2.ipynb #ecf2313e
 @torch.no_grad()

@@ -16,6 +16,7 @@ from pretrain_nb.lm_objectives import (
     Electra,
     ObjectiveResult,
     ObjectiveRun,
+    bag_of_tokens_probe,
     detector_flops,
     electra_flops,
     generator_config,
@@ -259,3 +260,17 @@ def test_the_probe_data_are_the_packages_code_blocks_and_statement_lines():
     assert data["vocab_size"] == code["vocab_size"]
     for split in ("probe_train", "probe_test"):
         assert all(torch.equal(a, b) for a, b in zip(data[split], lines[split]))
+
+
+def test_the_bag_of_tokens_baseline_ignores_order_and_padding():
+    data = objective_data(512, 32, 10, 15)
+    accuracy = bag_of_tokens_probe(data)
+    ids, mask, labels = data["probe_test"]
+    assert accuracy > labels.bincount().max().item() / len(labels)  # better than the majority kind
+    torch.manual_seed(0)
+    order = torch.argsort(torch.rand(ids.shape), 1)
+    shuffled = data | {"probe_test": (ids.gather(1, order), mask.gather(1, order), labels)}
+    assert bag_of_tokens_probe(shuffled) == accuracy
+    # a padded position counts for nothing, whatever id it holds
+    other_padding = data | {"probe_test": (torch.where(mask, ids, N_SPECIAL + 1), mask, labels)}
+    assert bag_of_tokens_probe(other_padding) == accuracy

@@ -26,6 +26,7 @@ from pretrain_nb.ul2 import (
     target_token_losses,
     ul2_loss,
     undo_span_corruption,
+    unigram_loss,
 )
 
 VOCAB = Vocab(base=100, n_sentinels=16)
@@ -156,3 +157,13 @@ def test_one_run_repeats_exactly():
     assert len(a.history["step"]) == 3
     assert 0 <= a.exact_match_X <= 1
     assert math.isfinite(a.infill_loss_R)
+
+
+def test_the_unigram_baseline_is_the_cross_entropy_of_the_training_frequencies():
+    train = torch.tensor([[0, 0, 0, 1]])  # add-one smoothed over 3 ids: p = 4/7, 2/7, 1/7
+    held_out = torch.tensor([[0, 2]])
+    expected = -(math.log(4 / 7) + math.log(1 / 7)) / 2
+    assert unigram_loss(train, held_out, 3) == pytest.approx(expected)
+    torch.manual_seed(0)
+    noise = torch.randint(0, 50, (2, 50_000))
+    assert unigram_loss(noise[0], noise[1], 50) == pytest.approx(math.log(50), abs=0.01)
