@@ -23,10 +23,10 @@ from .data import ImageSettings
 from .training import RunResult, RunSettings, history_columns, train
 
 # %% auto #0
-__all__ = ['CONTRASTIVE_LOSSES', 'random_resized_crop', 'random_flip', 'brightness_contrast', 'gaussian_blur', 'gaussian_noise',
-           'random_erasing', 'simclr_augment', 'conv_bn_relu', 'SmallCNN', 'SimCLR', 'info_nce_loss', 'dcl_loss',
-           'contrastive_step_loss', 'ContrastiveRun', 'pca_2d', 'ContrastiveResult', 'pretrain_contrastive',
-           'downstream_tasks', 'probe_features']
+__all__ = ['SIMCLR_AUGMENTATIONS', 'CONTRASTIVE_LOSSES', 'random_resized_crop', 'random_flip', 'brightness_contrast',
+           'gaussian_blur', 'gaussian_noise', 'random_erasing', 'simclr_augment', 'conv_bn_relu', 'SmallCNN', 'SimCLR',
+           'info_nce_loss', 'dcl_loss', 'contrastive_step_loss', 'ContrastiveRun', 'pca_2d', 'ContrastiveResult',
+           'pretrain_contrastive', 'downstream_tasks', 'probe_features']
 
 # %% ../nbs/12_contrastive.ipynb #4f5dfc35
 def _per_image(batch: int, *shape) -> torch.Tensor:
@@ -121,16 +121,28 @@ def random_erasing(
     erase = inside[:, None] & (_per_image(B, 1, 1, 1) < p)
     return images.masked_fill(erase, 0.0)
 
+# %% ../nbs/12_contrastive.ipynb #aacf7f7b
+SIMCLR_AUGMENTATIONS = {
+    "crop": random_resized_crop,
+    "flip": random_flip,
+    "jitter": brightness_contrast,
+    "blur": gaussian_blur,
+    "noise": gaussian_noise,
+    "erasing": random_erasing,
+}
+
 # %% ../nbs/12_contrastive.ipynb #fa572f97
-def simclr_augment(images: torch.Tensor) -> torch.Tensor:
+def simclr_augment(images: torch.Tensor, skip: tuple[str, ...] = ()) -> torch.Tensor:
     """One random view of each image in a (B, C, H, W) batch in [0, 1]: crop, flip, jitter, blur, noise,
-    erasing."""
-    x = random_resized_crop(images)
-    x = random_flip(x)
-    x = brightness_contrast(x)
-    x = gaussian_blur(x)
-    x = gaussian_noise(x)
-    return random_erasing(x)
+    erasing, leaving out the augmentations named in `skip`."""
+    for name in skip:
+        if name not in SIMCLR_AUGMENTATIONS:
+            raise one_of("augmentation to skip", name, SIMCLR_AUGMENTATIONS)
+    x = images
+    for name, augment in SIMCLR_AUGMENTATIONS.items():
+        if name not in skip:
+            x = augment(x)
+    return x
 
 # %% ../nbs/12_contrastive.ipynb #f032531c
 def conv_bn_relu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
@@ -181,8 +193,12 @@ class SimCLR(nn.Module):
         return self.encoder(images)
 
     def projections(self, images: torch.Tensor) -> torch.Tensor:
-        "Post-projection features z (what the loss sees)."
+        "Post-projection features z (what the loss sees), on the unit sphere."
         return self(images)[1]
+
+    def head_outputs(self, images: torch.Tensor) -> torch.Tensor:
+        "The projection head's output g(h) before normalization (it keeps the norm that z discards)."
+        return self.projector(self.encoder(images))
 
 # %% ../nbs/12_contrastive.ipynb #8a077ba9
 def _similarity_logits(
@@ -238,15 +254,15 @@ CONTRASTIVE_LOSSES = {
 }
 
 # %% ../nbs/12_contrastive.ipynb #de14ae22
-def contrastive_step_loss(loss_name: str, temperature: float):
-    """The loss_fn(model, images) for `train`: two augmented views, one forward pass, the named contrastive
-    loss."""
+def contrastive_step_loss(loss_name: str, temperature: float, skip: tuple[str, ...] = ()):
+    """The loss_fn(model, images) for `train`: two augmented views (without the augmentations in `skip`),
+    one forward pass, the named contrastive loss."""
     if loss_name not in CONTRASTIVE_LOSSES:
         raise one_of("contrastive loss", loss_name, CONTRASTIVE_LOSSES)
     loss = CONTRASTIVE_LOSSES[loss_name]
 
     def loss_fn(model, images):
-        views = torch.cat([simclr_augment(images), simclr_augment(images)])
+        views = torch.cat([simclr_augment(images, skip), simclr_augment(images, skip)])
         _, z = model(views)
         z1, z2 = z.chunk(2)
         return loss(z1, z2, temperature)
@@ -271,6 +287,7 @@ class ContrastiveRun(RunSettings, ImageSettings):
     temperature: float = 0.5
     width: int = 32  # SmallCNN width: features of dimension 4 * width
     knn_k: int = 20
+    skip_augmentations: tuple[str, ...] = ()  # names in SIMCLR_AUGMENTATIONS to leave out (an ablation)
 
     def total_steps(self) -> int:
         "The given steps, else the epochs over the pre-training images, at least one step."
@@ -317,7 +334,7 @@ def pretrain_contrastive(
     model = SimCLR(SmallCNN(channels=data["pretrain"].shape[1], width=run.width))
     history = train(
         model,
-        contrastive_step_loss(run.loss, run.temperature),
+        contrastive_step_loss(run.loss, run.temperature, tuple(run.skip_augmentations)),
         data["pretrain"],
         run.train_config(seed),
         accelerator=make_accelerator(profile),

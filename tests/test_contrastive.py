@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from pretrain_nb.core import PretrainNbError, load_profile
 from pretrain_nb.contrastive import (
+    SIMCLR_AUGMENTATIONS,
     ContrastiveRun,
     SimCLR,
     SmallCNN,
@@ -212,3 +213,27 @@ def test_run_settings_keep_the_defaults_and_count_steps_from_epochs():
         seed=3,
         progress=False,
     )
+
+
+def test_an_augmentation_can_be_left_out_and_an_unknown_name_is_one_sentence():
+    images = torch.rand(6, 1, 28, 28)
+    torch.manual_seed(0)
+    full = simclr_augment(images)
+    torch.manual_seed(0)
+    assert torch.equal(simclr_augment(images, skip=()), full), "no skip: the same draws, the same view"
+    assert torch.equal(simclr_augment(images, skip=tuple(SIMCLR_AUGMENTATIONS)), images)
+    torch.manual_seed(0)
+    no_crop = simclr_augment(images, skip=("crop",))
+    assert not torch.equal(no_crop, full)
+    with pytest.raises(PretrainNbError, match="crop"):
+        simclr_augment(images, skip=("colour",))
+    assert ContrastiveRun(skip_augmentations=("blur",)).skip_augmentations == ("blur",)
+
+
+def test_head_outputs_are_the_projections_before_normalization():
+    model = SimCLR(SmallCNN(width=4)).eval()
+    images = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        g = model.head_outputs(images)
+        assert torch.allclose(F.normalize(g, dim=-1), model.projections(images), atol=1e-6)
+        assert g.shape == (5, 64)
