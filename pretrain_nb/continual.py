@@ -291,7 +291,8 @@ class PhaseResult(RunResult):
     lr: list  # the learning rate at every step
     final: dict  # {loss_A, loss_B, loss_C} at the end
     weights: dict  # the final weights (state_dict)
-    branch_weights: dict | None = None  # with branch_at: the weights there (the un-annealed trajectory)
+    # with branch_at: the un-annealed trajectory run to the last step (what the next phase continues from)
+    main_weights: dict | None = None
     final_averaged: dict | None = None  # with average_last: the losses of the averaged checkpoints
 
 # %% ../nbs/40_continual.ipynb #833b6c66
@@ -305,7 +306,7 @@ def train_phase(
     **settings,
 ) -> PhaseResult:
     """One phase under `settings` (PhaseRun fields) from `init_weights` (None: from scratch): its curves,
-    final losses and weights."""
+    final losses and weights (with `branch_at`, also the un-annealed main trajectory's, to the last step)."""
     run = PhaseRun.from_settings(settings)
     data = two_domains(run.vocab_size, run.block_size)
     blocks, shuffle = phase_blocks(run, data, seed)
@@ -322,7 +323,7 @@ def train_phase(
             snapshots.append({k: v.detach().clone() for k, v in m.state_dict().items()})
         return domain_losses(m, vals)
 
-    branch_weights = None
+    main_weights = None
     with tempfile.TemporaryDirectory() as tmp:
         cfg = run.train_config(
             seed,
@@ -331,7 +332,7 @@ def train_phase(
             checkpoint_every=branch_at or 0,
         )
         if branch_at:
-            # stop where the trajectory branches (a checkpoint), keep those weights, then resume exactly
+            # stop where the trajectory branches (a checkpoint) ...
             train(
                 model,
                 lm_loss,
@@ -340,7 +341,13 @@ def train_phase(
                 eval_fn=evaluate,
                 accelerator=make_accelerator(profile),
             )
-            branch_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            # ... run the main trajectory on from it to the last step, without the anneal (saves nothing) ...
+            main = dataclasses.replace(run, anneal_steps=0).train_config(
+                seed, shuffle=shuffle, checkpoint_dir=cfg.checkpoint_dir
+            )
+            train(model, lm_loss, blocks, main, accelerator=make_accelerator(profile))
+            main_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # ... and the annealed copy: from the checkpoint at branch_at (exactly), or the whole phase
         history = train(model, lm_loss, blocks, cfg, eval_fn=evaluate, accelerator=make_accelerator(profile))
     curves = [start] + history[["step", "loss_A", "loss_B", "loss_C"]].to_dict("records")
     result = PhaseResult(
@@ -350,7 +357,7 @@ def train_phase(
         lr=[run.lr * cfg.lr_schedule()(s) for s in range(run.steps)],
         final=domain_losses(model, vals),
         weights={k: v.detach().clone() for k, v in model.state_dict().items()},
-        branch_weights=branch_weights,
+        main_weights=main_weights,
     )
     if average_last:
         averaged = GPT(run.model_config(data["vocab_size"]))

@@ -224,9 +224,15 @@ def make_accelerator(profile: Profile, gradient_accumulation_steps: int = 1, **k
 
 # %% ../nbs/00_core.ipynb #1d6ca11d
 def _call(fn: Callable, kwargs: dict, profile: Profile):
-    if profile.cpu_threads:
-        torch.set_num_threads(profile.cpu_threads)
-    return fn(**kwargs, profile=profile)
+    if not profile.cpu_threads:
+        return fn(**kwargs, profile=profile)
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(profile.cpu_threads)
+    # the BLAS under numpy and scikit-learn (the probes) gets the same share of the cores: left alone, each
+    # worker's BLAS starts a thread per core and the workers slow each other down many times over
+    with threadpool_limits(limits=profile.cpu_threads):
+        return fn(**kwargs, profile=profile)
 
 
 def map_calls(calls: Sequence[tuple[Callable, dict]] | Mapping[Any, tuple[Callable, dict]], profile: Profile):

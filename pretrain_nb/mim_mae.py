@@ -23,6 +23,7 @@ from pretrain_nb.models import (
     TransformerConfig,
     TransformerStack,
     ViT,
+    flops_per_token,
     gather_tokens,
     init_weights,
     patchify,
@@ -33,9 +34,14 @@ from pretrain_nb.models import (
 from .training import RunResult, RunSettings, history_columns, train
 
 # %% auto #0
-__all__ = ['MAE', 'normalize_patches', 'masked_patch_loss', 'mimic_loss', 'mae_step_loss', 'EfficientProbe', 'MeanPoolProbe',
-           'MAERun', 'reconstruction_images', 'reconstruction_error', 'MAEResult', 'pretrain_mae', 'EncoderEvaluation',
-           'evaluate_encoder']
+__all__ = ['masked_share', 'MAE', 'normalize_patches', 'masked_patch_loss', 'mimic_loss', 'mae_step_loss', 'EfficientProbe',
+           'MeanPoolProbe', 'MAERun', 'pretraining_flops', 'reconstruction_images', 'reconstruction_error', 'MAEResult',
+           'pretrain_mae', 'EncoderEvaluation', 'evaluate_encoder']
+
+# %% ../nbs/10_mim_mae.ipynb #e9c45b1a
+def masked_share(mask_ratio: float, n_patches: int) -> float:
+    "The share of the patches that `random_masking` actually hides at `mask_ratio`: round(r N) / N."
+    return round(mask_ratio * n_patches) / n_patches
 
 # %% ../nbs/10_mim_mae.ipynb #04b953cb
 class MAE(nn.Module):
@@ -88,9 +94,10 @@ class MAE(nn.Module):
 
 # %% ../nbs/10_mim_mae.ipynb #d0105bc2
 def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    "Each patch (last dimension) to zero mean and unit variance: MAE's normalized-pixel targets."
+    """Each patch (last dimension) to zero mean and unit (unbiased) variance: MAE's normalized-pixel
+    targets, computed as in MAE's code."""
     mean = patches.mean(-1, keepdim=True)
-    var = patches.var(-1, keepdim=True, unbiased=False)
+    var = patches.var(-1, keepdim=True, unbiased=True)
     return (patches - mean) / (var + eps).sqrt()
 
 # %% ../nbs/10_mim_mae.ipynb #e36fdfa8
@@ -190,6 +197,21 @@ class MAERun(ImagePretraining):
     def decoder_config(self) -> TransformerConfig:
         return TransformerConfig(d_model=self.decoder_d_model, n_layers=self.decoder_layers, n_heads=4)
 
+# %% ../nbs/10_mim_mae.ipynb #2d0fa655
+def pretraining_flops(run: MAERun, image_size: int = 28, channels: int = 1, teacher: bool = False) -> float:
+    """Training FLOPs per image of one pre-training step of `run`: the encoder on the visible patches, the
+    decoder on all of them; with `teacher`, MR-MAE's frozen teacher (forward only) and mimic head too."""
+    n = (image_size // run.patch_size) ** 2
+    pixels = run.patch_size**2 * channels
+    visible = n - round(run.mask_ratio * n)
+    enc = run.transformer_config()
+    encoder = (visible + 1) * flops_per_token(enc, visible + 1, out_features=0, in_features=pixels)
+    decoder = (n + 1) * flops_per_token(run.decoder_config(), n + 1, pixels, in_features=run.d_model)
+    if not teacher:
+        return float(encoder + decoder)
+    teacher_forward = (n + 1) * flops_per_token(enc, n + 1, out_features=0, in_features=pixels) / 3
+    return float(encoder + decoder + teacher_forward + 6 * visible * run.d_model**2)
+
 # %% ../nbs/10_mim_mae.ipynb #caad3776
 @torch.no_grad()
 def reconstruction_images(
@@ -203,7 +225,7 @@ def reconstruction_images(
     patches = patchify(images, model.patch_size)
     if norm_pix:
         # predictions are in normalized units: undo with each true patch's statistics (for display only)
-        std = patches.var(-1, keepdim=True, unbiased=False).add(1e-6).sqrt()
+        std = patches.var(-1, keepdim=True, unbiased=True).add(1e-6).sqrt()
         pred = pred * std + patches.mean(-1, keepdim=True)
 
     def as_image(p: torch.Tensor) -> torch.Tensor:
@@ -288,8 +310,8 @@ class EncoderEvaluation:
     seed: int  # that run's seed (or the random initialization's), also the probes' seed
     settings: MAERun  # how it was evaluated: the images, the probes' and fine-tuning's steps and rate
     linear: float  # logistic regression on the mean patch token
-    ep: float  # EfficientProbe on every token
-    linear_adamw: float  # MeanPoolProbe trained by EP's trainer: the control
+    ep: float  # EfficientProbe on every token (nan: not trained)
+    linear_adamw: float  # MeanPoolProbe trained by EP's trainer: the control (nan: not trained)
     finetune_fraction: float | None = None  # the share of the labels it was fine-tuned on; None: not tuned
     finetune: float = math.nan  # the whole encoder with a linear head; nan: not fine-tuned
 
@@ -301,11 +323,13 @@ def evaluate_encoder(
     source: RunSettings | None = None,
     finetune_fraction: float | None = None,
     positions: str = "sincos",
+    attentive: bool = True,
     **settings,
 ) -> EncoderEvaluation:
     """Probe an encoder's frozen tokens (linear probe, EP, the mean-pool control trained like EP) and, given
     `finetune_fraction`, fine-tune it. `encoder_state` holds the weights that the run `source` pre-trained
-    from `seed`; both None: a random initialization from `seed`."""
+    from `seed`; both None: a random initialization from `seed`. `attentive=False`: the linear probe only
+    (EP and the control are nan)."""
     if (encoder_state is None) != (source is None):
         raise PretrainNbError(
             "evaluate_encoder needs both an encoder's weights and the settings of the run that trained "
@@ -323,10 +347,14 @@ def evaluate_encoder(
     tok_tr = extract_features(encoder, x_tr)
     tok_te = extract_features(encoder, x_te)
     linear = linear_probe(tok_tr[:, 1:].mean(1), y_tr, tok_te[:, 1:].mean(1), y_te)
-    ep_probe = EfficientProbe(run.d_model, n_classes, run.ep_queries)
-    ep = attentive_probe(tok_tr, y_tr, tok_te, y_te, steps=run.probe_steps, seed=seed, probe=ep_probe)
-    mean_pool = MeanPoolProbe(run.d_model, n_classes)
-    control = attentive_probe(tok_tr, y_tr, tok_te, y_te, steps=run.probe_steps, seed=seed, probe=mean_pool)
+    ep = control = math.nan
+    if attentive:
+        ep_probe = EfficientProbe(run.d_model, n_classes, run.ep_queries)
+        ep = attentive_probe(tok_tr, y_tr, tok_te, y_te, steps=run.probe_steps, seed=seed, probe=ep_probe)
+        mean_pool = MeanPoolProbe(run.d_model, n_classes)
+        control = attentive_probe(
+            tok_tr, y_tr, tok_te, y_te, steps=run.probe_steps, seed=seed, probe=mean_pool
+        )
     result = EncoderEvaluation(
         source=source,
         seed=seed,

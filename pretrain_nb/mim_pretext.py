@@ -23,12 +23,14 @@ from torch import nn
 from .core import PretrainNbError, Profile, make_accelerator, one_of, seed_everything
 from .evaluation import ImagePretraining, finetune
 from .models import EncoderClassifier, ViT, gather_tokens, patchify, random_masking
+from .models import flops_per_token  # a step's training FLOPs
 from .training import RunResult, history_columns, train
 
 # %% auto #0
 __all__ = ['PRETEXT_METHODS', 'hide_random_positions', 'PositionPredictor', 'position_prediction_loss', 'position_confusion',
            'position_diagnostics', 'Selfie', 'selfie_loss', 'selfie_accuracy', 'selfie_diagnostics', 'mp3_loss',
-           'droppos_loss', 'selfie_step_loss', 'PretextMethod', 'PretextRun', 'PretextResult', 'pretrain_pretext',
+           'droppos_loss', 'selfie_step_loss', 'PretextMethod', 'PretextRun', 'pretext_flops_per_image',
+           'finetune_flops_per_image', 'PretextResult', 'pretrain_pretext', 'trained_pretext_model',
            'finetune_fractions']
 
 # %% ../nbs/11_mim_pretext.ipynb #0a45bd5d
@@ -196,6 +198,7 @@ class PretextRun(ImagePretraining):
     position_drop: float = 0.75  # DropPos: fraction of the visible tokens whose position is withheld
     # (fraction of the labels, fine-tuning steps): more labels get more steps, the same plan for every encoder
     finetune_plan: tuple = ((0.01, 100), (0.05, 150), (0.25, 250), (1.0, 500))
+    finetune_batch: int = 64  # images per fine-tuning step (fewer when fewer images are labelled)
 
     def __post_init__(self):
         if self.method not in PRETEXT_METHODS:
@@ -211,6 +214,30 @@ class PretextRun(ImagePretraining):
         "The encoder's position embeddings, as the method registers them (MP3's has none)."
         return self.pretext.positions
 
+# %% ../nbs/11_mim_pretext.ipynb #84a10b24
+def pretext_flops_per_image(run: PretextRun, image_size: int = 28, channels: int = 1) -> float:
+    """Training FLOPs per image of one pre-training step of `run`: the encoder on the visible patches and the
+    class token, and the method's head (position classifier, or Selfie's query and candidate networks)."""
+    N = (image_size // run.patch_size) ** 2
+    pixels, d = run.patch_size**2 * channels, run.d_model
+    visible = N - round(run.mask_ratio * N)
+    encoder = (visible + 1) * flops_per_token(run.transformer_config(), visible + 1, 0, in_features=pixels)
+    if run.method == "selfie":
+        masked = N - visible
+        # per masked place a query (d x d); per masked patch the shared patch embedding and a two-layer MLP;
+        # the (masked x masked) scores
+        head = 6 * masked * (d * d + pixels * d + 2 * d * d) + 6 * masked * masked * d
+    else:
+        head = 6 * visible * d * N  # the position classifier on every visible token
+    return float(encoder + head)
+
+# %% ../nbs/11_mim_pretext.ipynb #b2f1adf8
+def finetune_flops_per_image(run: PretextRun, image_size: int = 28, channels: int = 1, n_classes: int = 10):
+    "Training FLOPs per image of a fine-tuning step: the encoder on every token, then the classifier."
+    N = (image_size // run.patch_size) ** 2
+    per_token = flops_per_token(run.transformer_config(), N + 1, 0, in_features=run.patch_size**2 * channels)
+    return float((N + 1) * per_token + 6 * run.d_model * n_classes)
+
 # %% ../nbs/11_mim_pretext.ipynb #f26f307e
 @dataclasses.dataclass
 class PretextResult(RunResult):
@@ -218,6 +245,7 @@ class PretextResult(RunResult):
 
     final_loss: float
     encoder: dict  # the encoder's weights (a state dict)
+    head: dict  # the rest of the pretext model's weights (its head), to rebuild the trained pretext model
     position_accuracy: float = math.nan  # MP3, DropPos: share of held-out patches put at their true place
     confusion: np.ndarray | None = None  # MP3, DropPos: counts of true (rows) against predicted places
     placements: np.ndarray | None = None  # MP3, DropPos: the place given to each patch of the first images
@@ -244,8 +272,17 @@ def pretrain_pretext(seed: int, profile: Profile, n_show: int = 6, **settings) -
         history=history_columns(history, "step", "train_loss"),
         final_loss=float(history.train_loss.iloc[-1]),
         encoder={k: v.clone() for k, v in model.encoder.state_dict().items()},
+        head={k: v.clone() for k, v in model.state_dict().items() if not k.startswith("encoder.")},
         **diagnostics,
     )
+
+# %% ../nbs/11_mim_pretext.ipynb #3295a37f
+def trained_pretext_model(result: PretextResult, image_size: int = 28, channels: int = 1) -> nn.Module:
+    "The pretext model a PretextResult trained (its method's model, its encoder and head), in eval mode."
+    run = result.run
+    model = run.pretext.model(run.vit(image_size, channels, run.positions))
+    model.load_state_dict({f"encoder.{k}": v for k, v in result.encoder.items()} | result.head)
+    return model.eval()
 
 # %% ../nbs/11_mim_pretext.ipynb #06f8b08d
 def finetune_fractions(
@@ -282,6 +319,7 @@ def finetune_fractions(
                 fraction=fraction,
                 steps=steps,
                 lr=run.finetune_lr,
+                batch_size=run.finetune_batch,
                 seed=ft_seed,
                 accelerator=make_accelerator(profile),
             )

@@ -147,15 +147,18 @@ def test_phase_blocks_subsets_quality_and_order():
 TINY = dict(n_layers=1, d_model=16, steps=12, batch_size=8, eval_every=4, n_val_blocks=16, warmup_steps=2)
 
 
-def test_train_phase_branch_is_an_exact_resume():
+def test_train_phase_branch_is_an_exact_resume_and_the_main_trajectory_runs_every_step():
     profile = load_profile("smoke")
     settings = TINY | dict(schedule="infinite", level=0.5, anneal_steps=4)
     straight = train_phase(seed=0, profile=profile, **settings)
     branched = train_phase(seed=0, profile=profile, branch_at=8, **settings)
     assert straight.final == branched.final and straight.history == branched.history
     assert all(torch.equal(straight.weights[k], branched.weights[k]) for k in straight.weights)
-    assert not all(torch.equal(branched.branch_weights[k], branched.weights[k]) for k in branched.weights)
-    assert straight.branch_weights is None and straight.final_averaged is None
+    # the main trajectory is the phase run to its last step without the anneal: the same tokens as the copy
+    unannealed = train_phase(seed=0, profile=profile, **(settings | dict(anneal_steps=0)))
+    assert all(torch.equal(unannealed.weights[k], branched.main_weights[k]) for k in unannealed.weights)
+    assert not all(torch.equal(branched.main_weights[k], branched.weights[k]) for k in branched.weights)
+    assert straight.main_weights is None and straight.final_averaged is None
     assert branched.lr[7] == pytest.approx(0.5 * 3e-3) and branched.lr[-1] == pytest.approx(0.0)
     assert straight.history["step"] == [0, 4, 8, 12]  # the loss before training is the first point
     assert isinstance(straight, RunResult) and straight.run == PhaseRun(**settings) and straight.seed == 0

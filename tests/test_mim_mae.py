@@ -19,11 +19,13 @@ from pretrain_nb.mim_mae import (
     evaluate_encoder,
     mae_step_loss,
     masked_patch_loss,
+    masked_share,
     mimic_loss,
     normalize_patches,
     pretrain_mae,
+    pretraining_flops,
 )
-from pretrain_nb.models import TransformerConfig, ViT, patchify, random_masking, unpatchify
+from pretrain_nb.models import TransformerConfig, ViT, flops_per_token, patchify, random_masking, unpatchify
 
 CFG = TransformerConfig(d_model=32, n_layers=2, n_heads=4)
 DEC = TransformerConfig(d_model=16, n_layers=1, n_heads=2)
@@ -59,10 +61,38 @@ def test_mae_encoder_never_sees_the_masked_patches():
     assert torch.allclose(pred, pred2)
 
 
-def test_normalized_targets_have_zero_mean_and_unit_variance_per_patch():
-    p = normalize_patches(torch.rand(3, 16, 49) * 5 + 2)
+def test_normalized_targets_have_zero_mean_and_unit_variance_per_patch_as_in_maes_code():
+    x = torch.rand(3, 16, 49) * 5 + 2
+    p = normalize_patches(x)
     assert torch.allclose(p.mean(-1), torch.zeros(3, 16), atol=1e-5)
-    assert torch.allclose(p.var(-1, unbiased=False), torch.ones(3, 16), atol=1e-3)
+    # MAE's forward_loss: (target - mean) / (var + 1e-6) ** 0.5 with torch's default, unbiased, var
+    mean, var = x.mean(dim=-1, keepdim=True), x.var(dim=-1, keepdim=True)
+    assert torch.allclose(p, (x - mean) / (var + 1.0e-6) ** 0.5, atol=1e-6)
+    assert torch.allclose(p.var(-1, unbiased=True), torch.ones(3, 16), atol=1e-3)
+
+
+def test_masked_share_is_the_share_that_random_masking_hides():
+    for n in (16, 49, 64):
+        for ratio in (0.25, 0.5, 0.75, 0.875, 0.9):
+            _, mask, _ = random_masking(4, n, ratio)
+            assert mask.float().mean().item() == pytest.approx(masked_share(ratio, n))
+    assert masked_share(0.9, 16) == 0.875  # the arm once labelled 0.9 hid 14 of 16 patches
+    assert masked_share(0.75, 49) == 37 / 49
+
+
+def test_pretraining_flops_follow_the_visible_patches_and_count_the_teacher():
+    run = MAERun()
+    # fewer visible patches, cheaper steps; a finer grid, dearer ones; a teacher's forward pass adds to each
+    assert (
+        pretraining_flops(MAERun(mask_ratio=0.25))
+        > pretraining_flops(run)
+        > pretraining_flops(MAERun(mask_ratio=0.875))
+    )
+    assert pretraining_flops(MAERun(patch_size=4)) > 2 * pretraining_flops(run)
+    extra = pretraining_flops(run, teacher=True) - pretraining_flops(run)
+    # the teacher's forward pass (a third of a training pass) over all 16 patches and the class token
+    teacher_forward = 17 * flops_per_token(run.transformer_config(), 17, out_features=0, in_features=49) / 3
+    assert extra == pytest.approx(teacher_forward + 6 * 4 * 64 * 64)
 
 
 def test_mr_mae_loss_adds_the_mimic_term_and_leaves_the_teacher_frozen():
@@ -186,6 +216,12 @@ def test_one_run_repeats_exactly_and_wrong_settings_are_one_sentence():
     assert frozen_only.ep == ev.ep  # the probes do not depend on whether the encoder is fine-tuned after
     random_init = evaluate_encoder(seed=0, profile=smoke, encoder_state=None, **settings)
     assert random_init.source is None
+    # the linear probe alone: the same accuracy, no attentive probes trained
+    linear_only = evaluate_encoder(
+        seed=0, profile=smoke, encoder_state=a.encoder, source=a.run, attentive=False, **settings
+    )
+    assert linear_only.linear == ev.linear
+    assert math.isnan(linear_only.ep) and math.isnan(linear_only.linear_adamw)
     with pytest.raises(PretrainNbError, match="source"):
         evaluate_encoder(seed=0, profile=smoke, encoder_state=a.encoder, **settings)
     with pytest.raises(PretrainNbError, match="source"):

@@ -15,15 +15,27 @@ from pretrain_nb.mim_pretext import (
     PretextResult,
     PretextRun,
     Selfie,
+    finetune_flops_per_image,
     finetune_fractions,
     hide_random_positions,
     position_confusion,
     position_prediction_loss,
+    pretext_flops_per_image,
     pretrain_pretext,
     selfie_accuracy,
     selfie_loss,
+    trained_pretext_model,
 )
-from pretrain_nb.models import TransformerConfig, ViT, gather_tokens, patchify, random_masking, unpatchify
+from pretrain_nb.evaluation import ImagePretraining
+from pretrain_nb.models import (
+    TransformerConfig,
+    ViT,
+    gather_tokens,
+    patchify,
+    random_masking,
+    unpatchify,
+    vit_flops_per_image,
+)
 
 CFG = TransformerConfig(d_model=32, n_layers=2, n_heads=4)
 
@@ -121,8 +133,13 @@ def test_the_run_defaults_are_those_of_the_pretext_runs():
     assert (run.steps, run.batch_size, run.lr, run.weight_decay) == (1000, 128, 2e-3, 0.05)
     assert run.mask_ratio == 0.75
     assert (run.d_model, run.n_layers, run.n_heads, run.patch_size) == (64, 4, 4, 7)
-    assert (run.method, run.position_drop, run.finetune_lr) == ("mp3", 0.75, 2e-3)
+    assert (run.method, run.position_drop, run.finetune_lr, run.finetune_batch) == ("mp3", 0.75, 2e-3, 64)
     assert run.finetune_plan == ((0.01, 100), (0.05, 150), (0.25, 250), (1.0, 500))
+    # the image recipe and the pretext fields only: the MAE decoder, mimic and probe settings are MAERun's
+    own = {f.name for f in dataclasses.fields(PretextRun)} - {
+        f.name for f in dataclasses.fields(ImagePretraining)
+    }
+    assert own == {"method", "position_drop", "finetune_plan", "finetune_batch"}
     assert (run.n_pretrain, run.n_probe_train, run.n_probe_test) == (54_000, 6_000, 5_000)
     cfg = run.train_config(seed=1)
     assert (cfg.warmup_steps, cfg.eval_every, cfg.seed) == (100, 50, 1)
@@ -204,3 +221,40 @@ def test_runs_repeat_exactly_fine_tune_on_the_plan_and_refuse_wrong_settings():
         pretrain_pretext(seed=0, profile=smoke, method="jigsaw", **settings)
     with pytest.raises(PretrainNbError, match="valid PretextRun settings are"):
         finetune_fractions(seed=0, profile=smoke, encoder_state=None, probe_steps=5, **settings)
+
+
+def test_step_flops_count_the_visible_tokens_and_the_heads():
+    mp3 = PretextRun(method="mp3", mask_ratio=0.5)
+    full = dataclasses.replace(mp3, mask_ratio=0.0)
+    d = mp3.d_model
+    # nothing masked: the encoder of a ViT on all 16 patches, plus the position classifier on each token
+    assert pretext_flops_per_image(full) == vit_flops_per_image(full.vit(28, 1)) + 6 * 16 * d * 16
+    # half masked: 9 tokens instead of 17, so less than 9/17 of the encoder's cost (attention is quadratic)
+    assert pretext_flops_per_image(mp3) < 9 / 17 * pretext_flops_per_image(full)
+    # fine-tuning: every token, and the classifier once per image
+    assert finetune_flops_per_image(mp3) == vit_flops_per_image(mp3.vit(28, 1, n_classes=10))
+    selfie = PretextRun(method="selfie", mask_ratio=0.75)
+    # 4 visible tokens and the class token in the encoder (12 masked places and patches in the head)
+    assert pretext_flops_per_image(selfie) < pretext_flops_per_image(mp3)
+
+
+def test_a_run_keeps_its_pretext_head_and_the_trained_model_can_be_rebuilt():
+    pytest.importorskip("sklearn")
+    smoke = load_profile("smoke")
+    settings = dict(steps=3, batch_size=16, n_pretrain=64, n_probe_train=100, n_probe_test=40, d_model=32)
+    try:
+        mp3 = pretrain_pretext(seed=0, profile=smoke, method="mp3", mask_ratio=0.5, n_layers=1, **settings)
+    except PretrainNbError as e:
+        pytest.skip(f"Fashion-MNIST is not installed here: {e}")
+    selfie = pretrain_pretext(seed=0, profile=smoke, method="selfie", n_layers=1, **settings)
+    assert set(mp3.head) == {"head.weight", "head.bias"}
+    assert {k.split(".")[0] for k in selfie.head} == {"query_net", "candidate_net"}
+    test_images = PretextRun(n_layers=1, **settings).images()["probe_test"][0]
+    rebuilt = trained_pretext_model(mp3)
+    assert not rebuilt.training
+    assert position_confusion(rebuilt, test_images).tolist() == mp3.confusion.tolist()
+    model = trained_pretext_model(selfie)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        picked = selfie_accuracy(model(test_images, 0.75))
+    assert picked == selfie.selection_accuracy  # selfie_diagnostics scores under the masks of seed 0
