@@ -311,6 +311,7 @@ class ContrastiveResult(RunResult):
 
     knn_pre: float  # k-NN accuracy of the pre-projection features h
     knn_post: float  # ... and of the post-projection features z
+    linear_pre: float  # linear-probe accuracy of h on the classes (the yardstick against raw pixels)
     embedding_pre: np.ndarray  # (500, 2): PCA of h on test images, for the figures
     embedding_post: np.ndarray
     weights: dict | None = None  # the model's state_dict, when asked for
@@ -326,7 +327,7 @@ def pretrain_contrastive(
 ) -> ContrastiveResult:
     """Pre-train under `settings` (ContrastiveRun fields) from `seed`; k-NN accuracies of pre- and
     post-projection features."""
-    from pretrain_nb.evaluation import extract_features, knn_probe
+    from pretrain_nb.evaluation import extract_features, knn_probe, linear_probe
 
     run = ContrastiveRun.from_settings(settings)
     data = run.images()
@@ -346,6 +347,8 @@ def pretrain_contrastive(
         scores[f"knn_{name}"] = knn_probe(f_tr, y_tr, f_te, y_te, k=run.knn_k)
         # for the figures and the widget
         scores[f"embedding_{name}"] = pca_2d(f_te[:500]).numpy()
+        if name == "pre":
+            scores["linear_pre"] = linear_probe(f_tr, y_tr, f_te, y_te)
     return ContrastiveResult(
         run=run,
         seed=seed,
