@@ -264,7 +264,7 @@ class MAEResult(RunResult):
     shown: dict  # reconstruction_images of the first test images, as arrays
     encoder: dict  # the encoder's weights (a state dict)
 
-
+# %% ../nbs/10_mim_mae.ipynb #5a3fcabf
 def pretrain_mae(
     seed: int, profile: Profile, teacher_state: dict | None = None, n_show: int = 8, **settings
 ) -> MAEResult:
@@ -315,7 +315,7 @@ class EncoderEvaluation:
     finetune_fraction: float | None = None  # the share of the labels it was fine-tuned on; None: not tuned
     finetune: float = math.nan  # the whole encoder with a linear head; nan: not fine-tuned
 
-
+# %% ../nbs/10_mim_mae.ipynb #1ce97248
 def evaluate_encoder(
     seed: int,
     profile: Profile,

@@ -134,7 +134,7 @@ def test_the_run_defaults_are_those_of_the_pretext_runs():
     assert run.mask_ratio == 0.75
     assert (run.d_model, run.n_layers, run.n_heads, run.patch_size) == (64, 4, 4, 7)
     assert (run.method, run.position_drop, run.finetune_lr, run.finetune_batch) == ("mp3", 0.75, 2e-3, 64)
-    assert run.finetune_plan == ((0.01, 100), (0.05, 150), (0.25, 250), (1.0, 500))
+    assert run.finetune_plan == ((0.01, 100), (0.05, 150), (1.0, 500))
     # the image recipe and the pretext fields only: the MAE decoder, mimic and probe settings are MAERun's
     own = {f.name for f in dataclasses.fields(PretextRun)} - {
         f.name for f in dataclasses.fields(ImagePretraining)
