@@ -36,12 +36,13 @@ from pretrain_nb.models import (
 from .training import RunResult, RunSettings, history_columns, train
 
 # %% auto #0
-__all__ = ['OBJECTIVES', 'select_positions', 'random_tokens', 'mask_tokens', 'substitute_random', 'replaced_labels',
-           'Discriminator', 'generator_config', 'Generator', 'Electra', 'encoder_states', 'Corruption',
-           'token_prediction_loss', 'replaced_detection_loss', 'clm_corruption', 'mlm_corruption', 'electra_corruption',
-           'electra_loss', 'rts_corruption', 'slm_corruption', 'lm_flops', 'masked_lm_flops', 'detector_flops',
-           'electra_flops', 'Objective', 'get_objective', 'objective_data', 'statement_probe', 'bag_of_tokens_probe',
-           'ObjectiveRun', 'ObjectiveResult', 'pretrain_objective']
+__all__ = ['OBJECTIVES', 'BRACKET_CHANGE', 'select_positions', 'random_tokens', 'mask_tokens', 'substitute_random',
+           'replaced_labels', 'Discriminator', 'generator_config', 'Generator', 'Electra', 'encoder_states',
+           'Corruption', 'token_prediction_loss', 'replaced_detection_loss', 'clm_corruption', 'mlm_corruption',
+           'electra_corruption', 'electra_loss', 'rts_corruption', 'slm_corruption', 'lm_flops', 'masked_lm_flops',
+           'detector_flops', 'electra_flops', 'Objective', 'get_objective', 'objective_data', 'statement_probe',
+           'bag_of_tokens_probe', 'bracket_change', 'bracket_depth', 'token_sample', 'depth_probe',
+           'token_position_probe', 'ObjectiveRun', 'ObjectiveResult', 'pretrain_objective']
 
 # %% ../nbs/20_lm_objectives.ipynb #8b4ed6e6
 def select_positions(tokens: torch.Tensor, rate: float = 0.15) -> torch.Tensor:
@@ -329,10 +330,12 @@ def get_objective(name: str) -> Objective:
 def objective_data(
     vocab_size: int = 512, block_size: int = 64, max_files: int | None = None, per_class: int = 400
 ) -> dict:
-    """The pre-training blocks of stdlib code (`data.code_blocks`) and the statement-kind probe lines read
-    with the same tokenizer (`data.statement_kind_lines`), kept for the next run in the same process."""
+    """The pre-training blocks of stdlib code (`data.code_blocks`), the probe lines read with the same
+    tokenizer (`data.statement_kind_lines`) and each token's change of bracket depth (`bracket_change`,
+    defined below), kept for the next run in the same process."""
     code = code_blocks(vocab_size, block_size, max_files)
-    return code | statement_kind_lines(code["tokenizer"], per_class=per_class)
+    lines = statement_kind_lines(code["tokenizer"], per_class=per_class)
+    return code | lines | {"bracket_change": bracket_change(code["tokenizer"])}
 
 # %% ../nbs/20_lm_objectives.ipynb #8dc4a0c7
 @torch.no_grad()
@@ -363,6 +366,67 @@ def bag_of_tokens_probe(data: dict) -> float:
         feats[split] = torch.zeros(len(ids), data["vocab_size"]).scatter_add_(1, ids, mask.float())
     return linear_probe(
         feats["probe_train"], data["probe_train"][2], feats["probe_test"], data["probe_test"][2]
+    )
+
+# %% ../nbs/20_lm_objectives.ipynb #ae109a83
+BRACKET_CHANGE = {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}
+
+
+def bracket_change(tokenizer) -> torch.Tensor:
+    "Per token id (vocab_size,): the brackets its text opens minus those it closes."
+    texts = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]  # once per vocabulary entry
+    return torch.tensor([sum(BRACKET_CHANGE.get(ch, 0) for ch in text) for text in texts])
+
+# %% ../nbs/20_lm_objectives.ipynb #979098d1
+def bracket_depth(ids: torch.Tensor, mask: torch.Tensor, change: torch.Tensor, deepest: int = 2):
+    """Per token (N, T): how many brackets are open after it, from the line's start (0 .. deepest; deeper
+    counts as deepest, more closed than opened as 0); -1 at padding."""
+    depth = (change[ids] * mask).cumsum(1).clamp(0, deepest)
+    return depth.masked_fill(~mask, -1)
+
+# %% ../nbs/20_lm_objectives.ipynb #d65c5304
+def token_sample(mask: torch.Tensor, max_tokens: int, seed: int = 0) -> torch.Tensor:
+    "Flat indices of at most `max_tokens` real tokens of (N, T) lines, drawn once from `seed` (sorted)."
+    real = mask.flatten().nonzero().squeeze(1)
+    g = torch.Generator().manual_seed(seed)
+    return real[torch.randperm(len(real), generator=g)[:max_tokens]].sort().values
+
+
+@torch.no_grad()
+def depth_probe(model: nn.Module, data: dict, max_tokens: int = 12_000) -> float:
+    """Linear-probe accuracy of the bracket depth after each token (`bracket_depth`): logistic regression on
+    the token's hidden state, over at most `max_tokens` tokens of the probe lines per split."""
+    was_training = model.training
+    model.eval()
+    features, labels = {}, {}
+    for split in ("probe_train", "probe_test"):
+        ids, mask, _ = data[split]
+        h = torch.cat(
+            [encoder_states(model, ids[i : i + 512], mask[i : i + 512]) for i in range(0, len(ids), 512)]
+        )
+        keep = token_sample(mask, max_tokens)
+        features[split] = h.flatten(0, 1)[keep]
+        labels[split] = bracket_depth(ids, mask, data["bracket_change"]).flatten()[keep]
+    model.train(was_training)
+    return linear_probe(
+        features["probe_train"], labels["probe_train"], features["probe_test"], labels["probe_test"]
+    )
+
+# %% ../nbs/20_lm_objectives.ipynb #c9f43cba
+def token_position_probe(data: dict, max_tokens: int = 12_000) -> float:
+    """The model-free baseline of `depth_probe`: the same logistic regression on each token's identity and
+    its position in the line (one-hot both), the same tokens; no context."""
+    features, labels = {}, {}
+    for split in ("probe_train", "probe_test"):
+        ids, mask, _ = data[split]
+        keep = token_sample(mask, max_tokens)
+        position = torch.arange(ids.shape[1]).expand_as(ids).flatten()[keep]
+        features[split] = torch.cat(
+            [F.one_hot(ids.flatten()[keep], data["vocab_size"]), F.one_hot(position, ids.shape[1])], 1
+        ).float()
+        labels[split] = bracket_depth(ids, mask, data["bracket_change"]).flatten()[keep]
+    return linear_probe(
+        features["probe_train"], labels["probe_train"], features["probe_test"], labels["probe_test"]
     )
 
 # %% ../nbs/20_lm_objectives.ipynb #10d30afe
@@ -398,7 +462,8 @@ class ObjectiveRun(RunSettings, TransformerSettings):
 # %% ../nbs/20_lm_objectives.ipynb #0c392355
 @dataclasses.dataclass
 class ObjectiveResult(RunResult):
-    "One objective's run; its history has step, flops, train_loss and probe_accuracy at every probe."
+    """One objective's run; its history has step, flops, train_loss, probe_accuracy (the depth probe) and
+    statement_accuracy (the statement-kind probe) at every probe."""
 
     steps: int
     flops_per_step: float
@@ -422,9 +487,9 @@ def pretrain_objective(
 
     def probe(m):
         t0 = time.perf_counter()
-        accuracy = statement_probe(m, data)
+        accuracy = {"probe_accuracy": depth_probe(m, data), "statement_accuracy": statement_probe(m, data)}
         probe_time.append(time.perf_counter() - t0)
-        return {"probe_accuracy": accuracy}
+        return accuracy
 
     steps = run.total_steps()
     t0 = time.perf_counter()
@@ -442,7 +507,9 @@ def pretrain_objective(
     return ObjectiveResult(
         run=run,
         seed=seed,
-        history=history_columns(history, "step", "flops", "train_loss", "probe_accuracy"),
+        history=history_columns(
+            history, "step", "flops", "train_loss", "probe_accuracy", "statement_accuracy"
+        ),
         steps=steps,
         flops_per_step=per_step,
         seconds_per_step=seconds / steps,

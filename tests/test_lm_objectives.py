@@ -17,6 +17,8 @@ from pretrain_nb.lm_objectives import (
     ObjectiveResult,
     ObjectiveRun,
     bag_of_tokens_probe,
+    bracket_depth,
+    depth_probe,
     detector_flops,
     electra_flops,
     generator_config,
@@ -29,6 +31,8 @@ from pretrain_nb.lm_objectives import (
     replaced_labels,
     select_positions,
     substitute_random,
+    token_position_probe,
+    token_sample,
 )
 from pretrain_nb.models import GPT, MaskedLM, TransformerConfig, causal_lm_loss
 
@@ -274,3 +278,40 @@ def test_the_bag_of_tokens_baseline_ignores_order_and_padding():
     # a padded position counts for nothing, whatever id it holds
     other_padding = data | {"probe_test": (torch.where(mask, ids, N_SPECIAL + 1), mask, labels)}
     assert bag_of_tokens_probe(other_padding) == accuracy
+
+
+def test_bracket_depth_counts_the_brackets_open_after_each_token():
+    data = objective_data(512, 32, 10, 15)
+    tokenizer, change = data["tokenizer"], data["bracket_change"]
+    assert change.shape == (data["vocab_size"],)
+    # by hand: the text of every token, its brackets counted character by character
+    for i in range(data["vocab_size"]):
+        text = tokenizer.decode([i])
+        assert change[i] == sum(text.count(c) for c in "([{") - sum(text.count(c) for c in ")]}")
+    line = tokenizer.encode("f(a[b], {c: (d)})")
+    ids = torch.tensor([line.tolist() + [PAD_ID, PAD_ID]])
+    depth = bracket_depth(ids, ids != PAD_ID, change, deepest=3)
+    text_so_far = ""
+    for t, d in zip(line.tolist(), depth[0].tolist()):
+        text_so_far += tokenizer.decode([t])
+        opened = sum(text_so_far.count(c) for c in "([{") - sum(text_so_far.count(c) for c in ")]}")
+        assert d == min(3, max(0, opened))
+    assert depth[0, -2:].tolist() == [-1, -1]  # padding
+    assert bracket_depth(ids, ids != PAD_ID, change, deepest=1).max() == 1
+
+
+def test_the_depth_probe_and_its_no_context_baseline():
+    data = objective_data(512, 32, 10, 15)
+    ids, mask, _ = data["probe_test"]
+    sample = token_sample(mask, 50)
+    assert len(sample) == 50 and mask.flatten()[sample].all()
+    assert torch.equal(sample, token_sample(mask, 50))  # drawn once from the seed
+    assert len(token_sample(mask, 10**9)) == mask.sum()
+    baseline = token_position_probe(data)
+    depths = bracket_depth(ids, mask, data["bracket_change"])
+    majority = depths[depths >= 0].bincount().max().item() / mask.sum().item()
+    assert baseline > majority
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=512, block_size=32, d_model=16, n_layers=1, n_heads=2)
+    accuracy = depth_probe(MaskedLM(cfg), data)
+    assert 0 < accuracy <= 1
