@@ -330,12 +330,10 @@ def get_objective(name: str) -> Objective:
 def objective_data(
     vocab_size: int = 512, block_size: int = 64, max_files: int | None = None, per_class: int = 400
 ) -> dict:
-    """The pre-training blocks of stdlib code (`data.code_blocks`), the probe lines read with the same
-    tokenizer (`data.statement_kind_lines`) and each token's change of bracket depth (`bracket_change`,
-    defined below), kept for the next run in the same process."""
+    """The pre-training blocks of stdlib code (`data.code_blocks`) and the probe lines read with the same
+    tokenizer (`data.statement_kind_lines`), kept for the next run in the same process."""
     code = code_blocks(vocab_size, block_size, max_files)
-    lines = statement_kind_lines(code["tokenizer"], per_class=per_class)
-    return code | lines | {"bracket_change": bracket_change(code["tokenizer"])}
+    return code | statement_kind_lines(code["tokenizer"], per_class=per_class)
 
 # %% ../nbs/20_lm_objectives.ipynb #8dc4a0c7
 @torch.no_grad()
@@ -372,6 +370,7 @@ def bag_of_tokens_probe(data: dict) -> float:
 BRACKET_CHANGE = {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}
 
 
+@functools.lru_cache(maxsize=4)  # one tokenizer serves every probe of a run
 def bracket_change(tokenizer) -> torch.Tensor:
     "Per token id (vocab_size,): the brackets its text opens minus those it closes."
     texts = [tokenizer.decode([i]) for i in range(tokenizer.vocab_size)]  # once per vocabulary entry
@@ -406,7 +405,7 @@ def depth_probe(model: nn.Module, data: dict, max_tokens: int = 12_000) -> float
         )
         keep = token_sample(mask, max_tokens)
         features[split] = h.flatten(0, 1)[keep]
-        labels[split] = bracket_depth(ids, mask, data["bracket_change"]).flatten()[keep]
+        labels[split] = bracket_depth(ids, mask, bracket_change(data["tokenizer"])).flatten()[keep]
     model.train(was_training)
     return linear_probe(
         features["probe_train"], labels["probe_train"], features["probe_test"], labels["probe_test"]
@@ -424,7 +423,7 @@ def token_position_probe(data: dict, max_tokens: int = 12_000) -> float:
         features[split] = torch.cat(
             [F.one_hot(ids.flatten()[keep], data["vocab_size"]), F.one_hot(position, ids.shape[1])], 1
         ).float()
-        labels[split] = bracket_depth(ids, mask, data["bracket_change"]).flatten()[keep]
+        labels[split] = bracket_depth(ids, mask, bracket_change(data["tokenizer"])).flatten()[keep]
     return linear_probe(
         features["probe_train"], labels["probe_train"], features["probe_test"], labels["probe_test"]
     )

@@ -17,6 +17,7 @@ from pretrain_nb.lm_objectives import (
     ObjectiveResult,
     ObjectiveRun,
     bag_of_tokens_probe,
+    bracket_change,
     bracket_depth,
     depth_probe,
     detector_flops,
@@ -282,7 +283,8 @@ def test_the_bag_of_tokens_baseline_ignores_order_and_padding():
 
 def test_bracket_depth_counts_the_brackets_open_after_each_token():
     data = objective_data(512, 32, 10, 15)
-    tokenizer, change = data["tokenizer"], data["bracket_change"]
+    tokenizer = data["tokenizer"]
+    change = bracket_change(tokenizer)
     assert change.shape == (data["vocab_size"],)
     # by hand: the text of every token, its brackets counted character by character
     for i in range(data["vocab_size"]):
@@ -308,7 +310,7 @@ def test_the_depth_probe_and_its_no_context_baseline():
     assert torch.equal(sample, token_sample(mask, 50))  # drawn once from the seed
     assert len(token_sample(mask, 10**9)) == mask.sum()
     baseline = token_position_probe(data)
-    depths = bracket_depth(ids, mask, data["bracket_change"])
+    depths = bracket_depth(ids, mask, bracket_change(data["tokenizer"]))
     majority = depths[depths >= 0].bincount().max().item() / mask.sum().item()
     assert baseline > majority
     torch.manual_seed(0)
