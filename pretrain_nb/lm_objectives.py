@@ -390,7 +390,7 @@ def token_sample(mask: torch.Tensor, max_tokens: int, seed: int = 0) -> torch.Te
     g = torch.Generator().manual_seed(seed)
     return real[torch.randperm(len(real), generator=g)[:max_tokens]].sort().values
 
-
+# %% ../nbs/20_lm_objectives.ipynb #608df7d8
 @torch.no_grad()
 def depth_probe(model: nn.Module, data: dict, max_tokens: int = 12_000) -> float:
     """Linear-probe accuracy of the bracket depth after each token (`bracket_depth`): logistic regression on
