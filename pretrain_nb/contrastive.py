@@ -137,7 +137,7 @@ def simclr_augment(images: torch.Tensor, skip: tuple[str, ...] = ()) -> torch.Te
     erasing, leaving out the augmentations named in `skip`."""
     for name in skip:
         if name not in SIMCLR_AUGMENTATIONS:
-            raise one_of("augmentation to skip", name, SIMCLR_AUGMENTATIONS)
+            raise one_of("augmentation to skip", name, SIMCLR_AUGMENTATIONS, "augmentations to skip")
     x = images
     for name, augment in SIMCLR_AUGMENTATIONS.items():
         if name not in skip:

@@ -32,10 +32,13 @@ class PretrainNbError(Exception):
     "A mistake by the caller (a bad name, profile, path or value), explained in one sentence."
 
 
-def one_of(what: str, value: Any, allowed) -> PretrainNbError:
-    "The error for `value` not being among `allowed`, naming every allowed value."
+def one_of(what: str, value: Any, allowed, plural: str | None = None) -> PretrainNbError:
+    """The error for `value` not being among `allowed`, naming every allowed value. `plural` is `what`'s
+    plural when adding "s" (or "es" after s, x, ch, sh) does not make it."""
     allowed = sorted(map(str, allowed))
-    return PretrainNbError(f"Unknown {what} {value!r}; valid {what}s are: {', '.join(allowed)}.")
+    if plural is None:
+        plural = what + ("es" if what.endswith(("s", "x", "ch", "sh")) else "s")
+    return PretrainNbError(f"Unknown {what} {value!r}; valid {plural} are: {', '.join(allowed)}.")
 
 # %% ../nbs/00_core.ipynb #7b99d066
 def settings_from(cls, settings: dict):

@@ -549,7 +549,7 @@ def char_blocks(block_size: int = 64, corpus: str = "shakespeare", hub_rows: int
     elif corpus in HUB_TEXT:
         texts = split_by_key(hub_text(corpus, n_rows=hub_rows), "text")
     else:
-        raise one_of("corpus", corpus, ["shakespeare", *HUB_TEXT])
+        raise one_of("corpus", corpus, ["shakespeare", *HUB_TEXT], "corpora")
     tokenizer = CharTokenizer.from_texts(texts["train"]["text"])
     return token_blocks(texts, tokenizer, block_size) | {"vocab_size": tokenizer.vocab_size}
 

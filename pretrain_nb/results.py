@@ -368,6 +368,18 @@ class Precondition:
         margin_met = outcome.effect is None or outcome.effect >= outcome.min_effect
         return outcome.verdict == REPRODUCED and margin_met
 
+    @staticmethod
+    def explain(outcome: Verdict) -> str:
+        """The outcome's detail, each part followed by whether its mean effect reaches the margin: a part
+        can be significant (lower bound above 0) and still fall short of the margin the description
+        states, and the reader should see which of the two failed."""
+        if outcome.parts:
+            return "; ".join(f"[{res.verdict}] {Precondition.explain(res)}" for _, _, res in outcome.parts)
+        if outcome.effect is None:
+            return outcome.detail
+        reach = "reaches" if outcome.effect >= outcome.min_effect else "falls short of"
+        return f"{outcome.detail}; its mean {outcome.effect:+.4g} {reach} the margin {outcome.min_effect:g}"
+
 # %% ../nbs/00_results.ipynb #b514ac6b
 @dataclasses.dataclass(frozen=True)
 class Claim:
@@ -450,7 +462,9 @@ def judge(
     checks = [(p, p.rule(arms)) for p in preconditions]
     outcome = rule(arms)
     failed = [
-        f"{p.description}: {res.verdict} ({res.detail})" for p, res in checks if not Precondition.holds(res)
+        f"{p.description}: {res.verdict} ({Precondition.explain(res)})"
+        for p, res in checks
+        if not Precondition.holds(res)
     ]
     if failed:
         verdict, detail = NOT_LEARNED, "precondition not met: " + "; ".join(failed)
@@ -464,7 +478,7 @@ def judge(
     arms = {k: [float(x) for x in np.asarray(v, float).ravel()] for k, v in arms.items()}
     pre = tuple(
         {"description": p.description, "rule": p.rule.description, "holds": Precondition.holds(res)}
-        | _outcome(res)
+        | {"verdict": res.verdict, "detail": Precondition.explain(res)}
         for p, res in checks
     )
     return Claim(
