@@ -40,8 +40,8 @@ __all__ = ['OBJECTIVES', 'BRACKET_CHANGE', 'select_positions', 'random_tokens', 
            'replaced_labels', 'Discriminator', 'generator_config', 'Generator', 'Electra', 'encoder_states',
            'Corruption', 'token_prediction_loss', 'replaced_detection_loss', 'clm_corruption', 'mlm_corruption',
            'electra_corruption', 'electra_loss', 'rts_corruption', 'slm_corruption', 'lm_flops', 'masked_lm_flops',
-           'detector_flops', 'electra_flops', 'Objective', 'get_objective', 'objective_data', 'statement_probe',
-           'bag_of_tokens_probe', 'bracket_change', 'bracket_depth', 'token_sample', 'depth_probe',
+           'detector_flops', 'electra_flops', 'Objective', 'get_objective', 'objective_data', 'probe_states',
+           'statement_probe', 'bag_of_tokens_probe', 'bracket_change', 'bracket_depth', 'token_sample', 'depth_probe',
            'token_position_probe', 'ObjectiveRun', 'ObjectiveResult', 'pretrain_objective']
 
 # %% ../nbs/20_lm_objectives.ipynb #8b4ed6e6
@@ -337,19 +337,28 @@ def objective_data(
 
 # %% ../nbs/20_lm_objectives.ipynb #8dc4a0c7
 @torch.no_grad()
-def statement_probe(model: nn.Module, data: dict) -> float:
-    """Linear-probe accuracy on the statement-kind task: logistic regression on the mean hidden state over
-    each line's real tokens."""
+def probe_states(model: nn.Module, data: dict) -> dict:
+    """The encoder's hidden states (lines, T, d) on both probe splits, in eval mode, in chunks of 512 lines;
+    computed once per evaluation and shared by the probes below."""
     was_training = model.training
     model.eval()
-    feats = {}
+    states = {}
     for split in ("probe_train", "probe_test"):
         ids, mask, _ = data[split]
-        h = torch.cat(
-            [encoder_states(model, ids[i : i + 512], mask[i : i + 512]) for i in range(0, len(ids), 512)]
-        )
-        feats[split] = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        chunks = [encoder_states(model, ids[i : i + 512], mask[i : i + 512]) for i in range(0, len(ids), 512)]
+        states[split] = torch.cat(chunks)
     model.train(was_training)
+    return states
+
+# %% ../nbs/20_lm_objectives.ipynb #7c6bb6de
+def statement_probe(model: nn.Module, data: dict, states: dict | None = None) -> float:
+    """Linear-probe accuracy on the statement-kind task: logistic regression on the mean hidden state over
+    each line's real tokens (`states`: `probe_states(model, data)`, when already computed)."""
+    states = probe_states(model, data) if states is None else states
+    feats = {}
+    for split in ("probe_train", "probe_test"):
+        mask = data[split][1]
+        feats[split] = (states[split] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
     return linear_probe(
         feats["probe_train"], data["probe_train"][2], feats["probe_test"], data["probe_test"][2]
     )
@@ -391,22 +400,17 @@ def token_sample(mask: torch.Tensor, max_tokens: int, seed: int = 0) -> torch.Te
     return real[torch.randperm(len(real), generator=g)[:max_tokens]].sort().values
 
 # %% ../nbs/20_lm_objectives.ipynb #608df7d8
-@torch.no_grad()
-def depth_probe(model: nn.Module, data: dict, max_tokens: int = 12_000) -> float:
+def depth_probe(model: nn.Module, data: dict, max_tokens: int = 12_000, states: dict | None = None) -> float:
     """Linear-probe accuracy of the bracket depth after each token (`bracket_depth`): logistic regression on
-    the token's hidden state, over at most `max_tokens` tokens of the probe lines per split."""
-    was_training = model.training
-    model.eval()
+    the token's hidden state, over at most `max_tokens` tokens of the probe lines per split (`states`:
+    `probe_states(model, data)`, when already computed)."""
+    states = probe_states(model, data) if states is None else states
     features, labels = {}, {}
     for split in ("probe_train", "probe_test"):
         ids, mask, _ = data[split]
-        h = torch.cat(
-            [encoder_states(model, ids[i : i + 512], mask[i : i + 512]) for i in range(0, len(ids), 512)]
-        )
         keep = token_sample(mask, max_tokens)
-        features[split] = h.flatten(0, 1)[keep]
+        features[split] = states[split].flatten(0, 1)[keep]
         labels[split] = bracket_depth(ids, mask, bracket_change(data["tokenizer"])).flatten()[keep]
-    model.train(was_training)
     return linear_probe(
         features["probe_train"], labels["probe_train"], features["probe_test"], labels["probe_test"]
     )
@@ -470,7 +474,7 @@ class ObjectiveResult(RunResult):
     final_accuracy: float  # the last probe's
     weights: dict | None = None  # the final state_dict, when asked for
 
-
+# %% ../nbs/20_lm_objectives.ipynb #80434846
 def pretrain_objective(
     seed: int, profile: Profile, keep_weights: bool = False, **settings
 ) -> ObjectiveResult:
@@ -486,7 +490,11 @@ def pretrain_objective(
 
     def probe(m):
         t0 = time.perf_counter()
-        accuracy = {"probe_accuracy": depth_probe(m, data), "statement_accuracy": statement_probe(m, data)}
+        states = probe_states(m, data)  # once, for both probes
+        accuracy = {
+            "probe_accuracy": depth_probe(m, data, states=states),
+            "statement_accuracy": statement_probe(m, data, states=states),
+        }
         probe_time.append(time.perf_counter() - t0)
         return accuracy
 

@@ -265,7 +265,9 @@ def measure(
     model: GPT, blocks: torch.Tensor, vocab: Vocab, seq_len: int, mode_tokens: bool, seed: int = 0
 ) -> dict:
     """Continuation loss (second half given the first), infilling loss and span exact match for R and X
-    corruption, on held-out blocks; with mode tokens for a model trained with them."""
+    corruption, on held-out blocks; with mode tokens for a model trained with them. Also each task in the
+    other format: infilling from the left context alone (the hidden tokens' loss on the plain block) and
+    continuation as one final span (first half + sentinel, then sentinel + second half)."""
     model.eval()
     out = {}
     B, L = blocks.shape
@@ -288,6 +290,26 @@ def measure(
         n_spans = int(span_counts(L, **DENOISERS[d])[1])
         out[f"exact_match_{d}"] = float((wrong_spans[:, 1 : n_spans + 1] == 0).float().mean())
     out["infill_loss"] = (out["infill_loss_R"] + out["infill_loss_X"]) / 2
+    # the same hidden tokens, from the left context only: a causal LM's own way to fill a span
+    losses, _ = target_token_losses(model, seq, tgt)  # position i predicts token i + 1 of seq
+    for d in ("R", "X"):
+        torch.manual_seed(seed)  # the masks denoise_batch drew above
+        hidden = noise_mask(B, L, **DENOISERS[d])
+        hidden = hidden if mode_tokens else hidden[:, 1:]  # without a mode token the first is never predicted
+        out[f"left_infill_loss_{d}"] = float((losses * hidden).sum() / hidden.sum())
+    out["left_infill_loss"] = (out["left_infill_loss_R"] + out["left_infill_loss_X"]) / 2
+    # continuation as one final span: span corruption's own way to continue
+    inputs, targets = span_corrupt(blocks, half, vocab)
+    body = torch.cat([inputs, targets], 1)
+    is_target = torch.cat(
+        [torch.zeros_like(inputs, dtype=torch.bool), torch.ones_like(targets, dtype=torch.bool)], 1
+    )
+    if mode_tokens:
+        body = torch.cat([torch.full((B, 1), vocab.mode("X")), body], 1)
+        is_target = F.pad(is_target, (1, 0))
+    losses, weights = target_token_losses(model, body, is_target)
+    is_token = weights.bool() & (body[:, 1:] < vocab.base)  # the second half's tokens, sentinels excluded
+    out["continuation_span_loss"] = float((losses * is_token).sum() / is_token.sum())
     return out
 
 # %% ../nbs/21_ul2.ipynb #cefa5290
@@ -301,9 +323,13 @@ class UL2Result(RunResult):
     infill_loss_X: float
     exact_match_R: float
     exact_match_X: float
+    left_infill_loss: float  # the R and X hidden tokens from the left context alone (mean of the two)
+    left_infill_loss_R: float
+    left_infill_loss_X: float
+    continuation_span_loss: float  # the second half as one final span
     weights: dict | None = None  # the final state_dict, when asked for
 
-
+# %% ../nbs/21_ul2.ipynb #ef8e9769
 def pretrain_ul2(seed: int, profile: Profile, keep_weights: bool = False, **settings) -> UL2Result:
     "Train one objective from `seed` and measure continuation and infilling on held-out code."
     run = UL2Run.from_settings(settings)

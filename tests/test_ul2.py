@@ -17,6 +17,7 @@ from pretrain_nb.ul2 import (
     UL2Run,
     Vocab,
     denoise_batch,
+    measure,
     noise_mask,
     pretrain_ul2,
     span_corrupt,
@@ -167,3 +168,18 @@ def test_the_unigram_baseline_is_the_cross_entropy_of_the_training_frequencies()
     torch.manual_seed(0)
     noise = torch.randint(0, 50, (2, 50_000))
     assert unigram_loss(noise[0], noise[1], 50) == pytest.approx(math.log(50), abs=0.01)
+
+
+def test_measure_scores_each_task_in_both_formats():
+    torch.manual_seed(0)
+    vocab = Vocab(100)
+    model = GPT(TransformerConfig(vocab_size=vocab.size, block_size=60, d_model=16, n_layers=1, n_heads=2))
+    blocks = torch.randint(4, 100, (8, 48))
+    for mode_tokens in (True, False):
+        scores = measure(model, blocks, vocab, 60, mode_tokens=mode_tokens)
+        for key in ("left_infill_loss_R", "left_infill_loss_X", "left_infill_loss", "continuation_span_loss"):
+            assert math.isfinite(scores[key])
+        # an untrained decoder is about uniform in every format
+        assert abs(scores["left_infill_loss"] - math.log(vocab.size)) < 0.5
+        assert abs(scores["continuation_span_loss"] - math.log(vocab.size)) < 0.5
+        assert measure(model, blocks, vocab, 60, mode_tokens=mode_tokens) == scores
