@@ -633,8 +633,12 @@ class Run:
         return c
 
     def table(self):
-        "The claims as a DataFrame: paper, claim, measured, rule, preconditions, verdict, why."
+        """The claims as a DataFrame: paper, claim, measured, rule, preconditions, verdict, why. It also
+        lets pandas show text cells in full from here on (by default it cuts them at 50 characters, and
+        the quotes, rules and details are the point of this table)."""
         import pandas as pd
+
+        pd.set_option("display.max_colwidth", None)
 
         columns = {
             "paper": lambda c: c.paper.cite(),
