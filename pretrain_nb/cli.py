@@ -23,8 +23,8 @@ from .results import VERDICTS
 # %% auto #0
 __all__ = ['PARTS', 'RENAMED', 'SOLUTION_STUB', 'notebook_files', 'notebook_part', 'resolve_notebooks', 'notebook_card',
            'list_notebooks', 'runs_folder', 'execute_notebook', 'refresh_reference', 'format_summary', 'gather_results',
-           'reproduction_markdown', 'render_html', 'write_report', 'compare_results', 'verify', 'student_notebook',
-           'make_course', 'build_parser', 'main']
+           'reproduction_markdown', 'render_html', 'report_folder', 'write_report', 'compare_results', 'verify',
+           'student_notebook', 'make_course', 'build_parser', 'main']
 
 # %% ../nbs/00_cli.ipynb #ff68324d
 def notebook_files(root: Path | None = None) -> dict[str, Path]:
@@ -386,6 +386,22 @@ def render_html(results: dict[str, dict], profile: Profile, out: Path) -> Path:
     index.write_text("\n".join(page))
     return index
 
+# %% ../nbs/00_cli.ipynb #6f160703
+def report_folder(profile: Profile, out: Path | None = None, root: Path | None = None) -> Path:
+    """Where a report of `profile` goes: `out`, else the repository for `standard` (its REPRODUCTION.md is
+    the committed reference) and runs/<profile>/ for any other profile. Only a standard report may write
+    the repository's REPRODUCTION.md: a smoke table of `not assessed` rows must never replace it."""
+    root = repo_root() if root is None else root
+    folder = (
+        out if out is not None else (root if profile.name == "standard" else profile.runs_dir / profile.name)
+    )
+    if profile.name != "standard" and folder.resolve() == root.resolve():
+        raise PretrainNbError(
+            f"Only a standard report writes the committed REPRODUCTION.md; a {profile.name} report goes to "
+            f"{profile.runs_dir / profile.name} (the default) or to another --out folder."
+        )
+    return folder
+
 # %% ../nbs/00_cli.ipynb #ab785c48
 def write_report(profile: Profile, out: Path) -> tuple[Path, Path]:
     "Write out/REPRODUCTION.md and out/report/ from the runs under `profile`."
@@ -552,7 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         default=None,
-        help="folder for REPRODUCTION.md and report/ (default: the repository)",
+        help="folder for REPRODUCTION.md and report/ (default: the repository for standard, runs/<profile>/ "
+        "for the others)",
     )
     v = sub.add_parser(
         "verify", help="re-run notebooks in standard and compare their verdicts with the committed ones"
@@ -612,7 +629,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         elif args.command == "report":
             profile = load_profile(args.profile)
-            md, index = write_report(profile, args.out or repo_root())
+            md, index = write_report(profile, report_folder(profile, args.out))
             print(f"wrote {md} and {index}")
         elif args.command == "bench":
             from pretrain_nb.bench import format_benchmark, machine_description, run_benchmark

@@ -105,6 +105,19 @@ def test_run_and_report_on_the_template(tmp_path):
     assert "data:image/png;base64" in page, "figures must be inline in the HTML page"
 
 
+def test_smoke_report_leaves_the_committed_reproduction_alone(tmp_path):
+    committed = (ROOT / "REPRODUCTION.md").read_bytes()
+    env = {**os.environ, "PRETRAIN_NB_RUNS_DIR": str(tmp_path / "runs")}
+    assert cli("run", "_template", "--profile", "smoke", env=env).returncode == 0
+    done = cli("report", "--profile", "smoke", env=env)  # no --out: the runs folder, not the repository
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "runs" / "smoke" / "REPRODUCTION.md").is_file()
+    assert (ROOT / "REPRODUCTION.md").read_bytes() == committed
+    refused = cli("report", "--profile", "smoke", "--out", str(ROOT), env=env)
+    assert refused.returncode == 2 and "Only a standard report writes" in refused.stderr
+    assert (ROOT / "REPRODUCTION.md").read_bytes() == committed
+
+
 def test_report_without_runs(tmp_path):
     env = {**__import__("os").environ, "PRETRAIN_NB_RUNS_DIR": str(tmp_path / "empty")}
     done = cli("report", "--profile", "smoke", "--out", str(tmp_path), env=env)
