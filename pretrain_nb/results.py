@@ -104,9 +104,8 @@ def decide_effect(
         f"{100 * (1 - alpha_yes):.4g}% / {100 * (1 - alpha_no):.4g}%, {test}, n = {n}); "
         f"minimum effect {min_effect:g}"
     )
-    if (
-        se == 0
-    ):  # a t interval needs a spread; identical values (often a bound, like a loss's rise of 0) have none
+    # a t interval needs a spread; identical values (often a bound, like a loss's rise of 0) have none
+    if se == 0:
         detail += "; every seed gave the same value, so the interval is a point: read it with that in mind"
     if upper < min_effect:
         why = "significantly in the wrong direction" if upper < 0 else "ruled out: below the minimum effect"
