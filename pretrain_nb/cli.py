@@ -223,13 +223,13 @@ def execute_notebook(
 
 # %% ../nbs/00_cli.ipynb #5b726370
 def refresh_reference(name: str, profile: Profile) -> Path:
-    "Copy runs/<profile>/<name>/ (figures, data, results.json) over figures/<name>/."
+    "Copy runs/<profile>/<name>/ (figures, data, results.json, the executed notebook) over figures/<name>/."
     src, dst = profile.runs_dir / profile.name / name, profile.figures_dir / name
     if not (src / "results.json").is_file():
         raise PretrainNbError(f"{src} has no results.json; run the notebook before refreshing figures/.")
     if dst.exists():
         shutil.rmtree(dst)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.ipynb", "*.log"))
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.log", ".ipynb_checkpoints"))
     return dst
 
 # %% ../nbs/00_cli.ipynb #ac852919
@@ -347,17 +347,21 @@ def reproduction_markdown(results: dict[str, dict], profile: str) -> str:
     return "\n".join(head + rows + runs) + "\n"
 
 # %% ../nbs/00_cli.ipynb #a7e8702c
-def render_html(results: dict[str, dict], profile: Profile, out: Path) -> Path:
-    """report/<name>.html for every executed notebook and report/index.html linking them; return the
-    index."""
+def render_html(results: dict[str, dict], profile: Profile, out: Path, root: Path | None = None) -> Path:
+    """report/<name>.html for every executed notebook and report/index.html linking them, each with its
+    title and its page on the course site where the site is built; return the index."""
     from html import escape
     from nbconvert import HTMLExporter
 
+    root = repo_root() if root is None else root
     out.mkdir(parents=True, exist_ok=True)
-    exporter = HTMLExporter()
+    exporter = HTMLExporter(exclude_input_prompt=True, exclude_output_prompt=True)
+    files = notebook_files(root)
     items = []
     for name, rec in results.items():
         executed = profile.runs_dir / profile.name / name / f"{name}.ipynb"
+        if not executed.is_file():  # a standard report falls back to the committed run
+            executed = profile.figures_dir / name / f"{name}.ipynb"
         verdicts = [c["verdict"] for c in rec.get("claims", [])]
         counts = ", ".join(f"{verdicts.count(v)} {v}" for v in VERDICTS if verdicts.count(v)) or "no claims"
         if executed.is_file():
@@ -365,9 +369,13 @@ def render_html(results: dict[str, dict], profile: Profile, out: Path) -> Path:
             (out / f"{name}.html").write_text(body)
             link = f'<a href="{escape(name)}.html">{escape(name)}</a>'
         else:
-            link = f"{escape(name)} (no executed notebook under {escape(str(executed.parent))})"
+            link = f"{escape(name)} (no executed notebook)"
+        title = notebook_card(files[name])["title"] if name in files else ""
+        page = root / "site" / f"{name}.html"
+        if page.is_file():
+            title += f' (<a href="{escape(os.path.relpath(page, out))}">course page</a>)'
         items.append(
-            f"<tr><td>{link}</td><td>{escape(counts)}</td><td>{rec['wall_time_s']:.0f} s</td>"
+            f"<tr><td>{link}</td><td>{title}</td><td>{escape(counts)}</td><td>{rec['wall_time_s']:.0f} s</td>"
             f"<td>{escape(rec.get('started_at', '?'))}</td></tr>"
         )
     index = out / "index.html"
@@ -375,13 +383,15 @@ def render_html(results: dict[str, dict], profile: Profile, out: Path) -> Path:
         "body{font-family:sans-serif;max-width:60em;margin:2em auto}"
         "td,th{padding:.3em .8em;border-bottom:1px solid #ddd;text-align:left}"
     )
-    header = "<tr><th>notebook</th><th>verdicts</th><th>wall time</th><th>started</th></tr>"
+    header = "<tr><th>notebook</th><th>title</th><th>verdicts</th><th>wall time</th><th>started</th></tr>"
     page = [
         f'<!doctype html><html><head><meta charset="utf-8"><title>pretrain-nb: {profile.name} runs</title>',
         f"<style>{style}</style>",
         f"</head><body><h1>pretrain-nb: notebooks run under the <code>{profile.name}</code> profile</h1>",
         f"<table>{header}{''.join(items)}</table>",
-        "<p>The table of every claim is in REPRODUCTION.md.</p></body></html>",
+        "<p>The table of every claim is in REPRODUCTION.md. The course site (<code>pretrain-nb site</code>) "
+        "shows every notebook with its outputs, and its claims page filters the claims by part and verdict."
+        "</p></body></html>",
     ]
     index.write_text("\n".join(page))
     return index
@@ -403,7 +413,7 @@ def report_folder(profile: Profile, out: Path | None = None, root: Path | None =
     return folder
 
 # %% ../nbs/00_cli.ipynb #ab785c48
-def write_report(profile: Profile, out: Path) -> tuple[Path, Path]:
+def write_report(profile: Profile, out: Path, root: Path | None = None) -> tuple[Path, Path]:
     "Write out/REPRODUCTION.md and out/report/ from the runs under `profile`."
     results = gather_results(profile)
     if not results:
@@ -414,7 +424,7 @@ def write_report(profile: Profile, out: Path) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     md = out / "REPRODUCTION.md"
     md.write_text(reproduction_markdown(results, profile.name))
-    return md, render_html(results, profile, out / "report")
+    return md, render_html(results, profile, out / "report", root)
 
 # %% ../nbs/00_cli.ipynb #741cb742
 def _relative_difference(old: float, new: float) -> float:
@@ -554,7 +564,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="pretrain-nb", description="Run, report and teach the pretrain-nb notebooks.")
     sub = p.add_subparsers(
-        dest="command", required=True, parser_class=_Parser, metavar="{list,run,report,verify,course,bench}"
+        dest="command",
+        required=True,
+        parser_class=_Parser,
+        metavar="{list,run,report,verify,course,site,bench}",
     )
     sub.add_parser("list", help="the notebooks, the papers each covers, budgets per profile")
     r = sub.add_parser("run", help="execute notebooks with papermill into runs/<profile>/")
@@ -579,6 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--seed", type=int, default=None, help="base seed (default: the profile's base_seed)")
     c = sub.add_parser("course", help="student notebooks with the solutions taken out")
     c.add_argument("outdir", type=Path)
+    st = sub.add_parser("site", help="build the course site from the notebooks and their committed runs")
+    st.add_argument("--out", type=Path, default=None, help="folder for the site (default: site/)")
+    st.add_argument("--serve", action="store_true", help="then serve it on http://localhost:PORT")
+    st.add_argument("--port", type=int, default=8000, help="the port for --serve (default 8000)")
     b = sub.add_parser(
         "bench",
         help="training tokens/s and peak memory of the shared models and a reference as costly as nanoGPT",
@@ -619,6 +636,28 @@ def _run(args) -> int:
     return 1 if any(r["error"] for r in rows) else 0
 
 # %% ../nbs/00_cli.ipynb #bf6b1342
+def _site(args) -> int:
+    from pretrain_nb.site import build_site
+
+    out = args.out or repo_root() / "site"
+    index = build_site(out)
+    if not args.serve:
+        print(f"wrote the site into {out}: open {index} or serve it with 'pretrain-nb site --serve'")
+        return 0
+    import functools
+    import http.server
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(out))
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), handler)
+    except OSError as e:
+        raise PretrainNbError(f"Cannot serve on port {args.port} ({e.strerror}); pick another with --port.")
+    print(f"serving the site at http://localhost:{args.port}/ (Ctrl-C stops)")
+    with server:
+        server.serve_forever()
+    return 0
+
+# %% ../nbs/00_cli.ipynb #97f3001d
 def main(argv: list[str] | None = None) -> int:
     "Entry point of the `pretrain-nb` console script."
     try:
@@ -643,6 +682,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "course":
             written = make_course(args.outdir)
             print(f"wrote {len(written)} student notebooks into {args.outdir}")
+        elif args.command == "site":
+            return _site(args)
         return 0
     except PretrainNbError as e:
         print(f"error: {e}", file=sys.stderr)

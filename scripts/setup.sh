@@ -9,6 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=.venv
+NBSTRIPOUT_EXTRA_KEYS="metadata.language_info metadata.vscode metadata.toc metadata.toc-autonumbering \
+cell.metadata.jp-MarkdownHeadingCollapsed cell.metadata.editable cell.metadata.deletable \
+cell.metadata.slideshow cell.metadata.vscode cell.metadata.papermill metadata.papermill"
 say() { printf '[setup] %s\n' "$*"; }
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -53,5 +56,28 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2
   say "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
     || say "could not install dataset-fashion-mnist; the image notebooks will say how to get Fashion-MNIST"
+fi
+# 4. a git filter that keeps outputs out of what git stores (see .gitattributes): run and save notebooks
+#    in JupyterLab as you like; `git status` and the tests see the notebooks as they would be committed.
+#    The keys stripped besides nbstripout's defaults are the metadata JupyterLab and VS Code add, which
+#    nbdev-clean (the tests' reference) removes too.
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  strip="'$PWD/$VENV/bin/nbstripout' --keep-id --extra-keys '$NBSTRIPOUT_EXTRA_KEYS'"
+  git config filter.nbstripout.clean "$strip"
+  git config filter.nbstripout.smudge cat
+  git config filter.nbstripout.required true
+  git config diff.ipynb.textconv "$strip -t"
+fi
+#    git decides "modified" from a file's size before it runs the filter, so after JupyterLab saves
+#    outputs `git status` would list the notebook although `git diff` is empty. A Jupyter post-save hook
+#    (pretrain_nb.site.jupyter_post_save) refreshes git's record of a notebook whose text did not change.
+mkdir -p "$VENV/etc/jupyter/jupyter_server_config.d"
+printf '{"ContentsManager": {"post_save_hook": "pretrain_nb.site.jupyter_post_save"}}\n' \
+  > "$VENV/etc/jupyter/jupyter_server_config.d/pretrain-nb.json"
+#    A browser for the site's test (tests/test_site.py), from Debian where apt and root are available.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  say "installing Chromium (Debian package chromium) for the site's browser test"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || say "could not install chromium; the browser test will be skipped"
 fi
 say "ready: $("$VENV/bin/python" -c 'import torch, pretrain_nb; print("pretrain-nb", pretrain_nb.__version__, "with torch", torch.__version__)')"

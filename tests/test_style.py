@@ -14,7 +14,7 @@ from conftest import ROOT
 from pretrain_nb.cli import PARTS, notebook_files
 
 RUFF = str(Path(sys.executable).parent / "ruff")
-FOUNDATION = {"core", "results", "cli", "data", "models", "training", "evaluation", "bench"}
+FOUNDATION = {"core", "results", "cli", "data", "models", "training", "evaluation", "bench", "site"}
 PACKAGE = ROOT / "pretrain_nb"
 
 

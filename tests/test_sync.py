@@ -1,5 +1,7 @@
 """The package is exactly what the notebooks export, and the notebooks are clean: running nbdev-export
-and nbdev-clean on a copy of the repository must change nothing."""
+and nbdev-clean on a copy of the repository must change nothing. The copy holds the notebooks as git would
+commit them (through the nbstripout filter that scripts/setup.sh configures), so outputs that JupyterLab
+saved into a working copy do not fail these tests; outputs that would be committed do."""
 
 import filecmp
 import shutil
@@ -7,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT
+import pytest
+
+from conftest import ROOT, committed_text, git_filter
 
 BIN = Path(sys.executable).parent
 
@@ -23,6 +27,8 @@ def _copy(tmp_path):
             )
         elif src.exists():
             shutil.copy2(src, dst / name)
+    for nb in (ROOT / "nbs").glob("*.ipynb"):
+        (dst / "nbs" / nb.name).write_text(committed_text(nb))
     return dst
 
 
@@ -48,8 +54,10 @@ def test_package_matches_notebooks(tmp_path):
 
 def test_notebooks_are_clean(tmp_path):
     copy = _copy(tmp_path)
+    committed = tmp_path / "committed"
+    shutil.copytree(copy / "nbs", committed)
     _run("nbdev-clean", copy)
-    changed = _changed(ROOT / "nbs", copy / "nbs")
+    changed = _changed(committed, copy / "nbs")
     assert not changed, f"nbdev-clean changed {changed}: run nbdev-clean and commit the notebooks"
 
 
@@ -58,6 +66,35 @@ def test_committed_notebooks_have_no_outputs():
     import nbformat
 
     for path in sorted((ROOT / "nbs").glob("*.ipynb")):
-        nb = nbformat.read(path, as_version=4)
+        nb = nbformat.reads(committed_text(path), as_version=4)
         with_output = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.outputs]
-        assert not with_output, f"{path.name}: cells {with_output} have outputs; clear them before committing"
+        assert not with_output, (
+            f"{path.name}: cells {with_output} would be committed with outputs; run 'bash scripts/setup.sh' "
+            "(it installs the git filter that strips them) or clear them before committing"
+        )
+
+
+def test_the_git_filter_strips_what_jupyterlab_saves(tmp_path):
+    """A notebook as JupyterLab saves it after 'Run All' (outputs, execution counts, the kernel's
+    language_info, widget state, cell timing) comes out of the filter exactly as committed."""
+    import json
+
+    path = ROOT / "nbs" / "_template.ipynb"
+    command = git_filter(path)
+    if command is None:
+        pytest.skip("the nbstripout git filter is not configured here: run 'bash scripts/setup.sh'")
+    nb = json.loads(path.read_text())
+    nb["metadata"]["language_info"] = {"name": "python", "version": "3.11.7", "pygments_lexer": "ipython3"}
+    nb["metadata"]["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": {}}}
+    for i, cell in enumerate(c for c in nb["cells"] if c["cell_type"] == "code"):
+        cell["execution_count"] = i + 1
+        cell["metadata"]["execution"] = {"iopub.status.idle": "2026-12-02T06:00:00Z"}
+        cell["metadata"]["scrolled"] = True
+        cell["outputs"] = [{"name": "stdout", "output_type": "stream", "text": ["0.20000000298023224\n"]}]
+    saved = tmp_path / "nbs" / path.name
+    saved.parent.mkdir()
+    saved.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+    with open(saved, "rb") as f:
+        done = subprocess.run(command, shell=True, stdin=f, capture_output=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode() == path.read_text(), "the filter left something JupyterLab added"
