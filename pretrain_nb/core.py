@@ -25,7 +25,7 @@ import torch
 # %% auto #0
 __all__ = ['PretrainNbError', 'one_of', 'settings_from', 'repo_root', 'Profile', 'profile_names', 'load_profile',
            'seed_everything', 'make_accelerator', 'map_calls', 'map_runs', 'RunPaths', 'run_paths', 'save_figure',
-           'git_commit', 'cpu_model', 'environment_info', 'is_headless', 'interactive_or_static']
+           'git_commit', 'cpu_model', 'environment_info', 'is_headless', 'interactive_or_static', 'plural', 'rounded']
 
 # %% ../nbs/00_core.ipynb #f4dfe87e
 class PretrainNbError(Exception):
@@ -406,4 +406,21 @@ def interactive_or_static(draw, static: dict, **controls):
         return draw(**static)
     import ipywidgets
 
-    return ipywidgets.interact(draw, **controls)
+    ipywidgets.interact(draw, **controls)  # shows the widget; its return value, `draw`, would print as
+    return None  # "<function draw(...)>" under it when the call ends a cell
+
+# %% ../nbs/00_core.ipynb #35fb49ec
+def plural(n: int, noun: str) -> str:
+    "'1 seed', '3 seeds'."
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+# %% ../nbs/00_core.ipynb #c39996d0
+def rounded(x, digits: int = 4):
+    "Every float in `x` (nested lists, tuples and dicts too) to `digits` significant digits, for printing."
+    if isinstance(x, dict):
+        return {k: rounded(v, digits) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(rounded(v, digits) for v in x)
+    if isinstance(x, (float, np.floating)):
+        return float(f"{x:.{digits}g}")
+    return x
