@@ -360,7 +360,7 @@ def render_html(results: dict[str, dict], profile: Profile, out: Path, root: Pat
     items = []
     for name, rec in results.items():
         executed = profile.runs_dir / profile.name / name / f"{name}.ipynb"
-        if not executed.is_file():  # a standard report falls back to the committed run
+        if not executed.is_file() and profile.name == "standard":  # the committed run stands in
             executed = profile.figures_dir / name / f"{name}.ipynb"
         verdicts = [c["verdict"] for c in rec.get("claims", [])]
         counts = ", ".join(f"{verdicts.count(v)} {v}" for v in VERDICTS if verdicts.count(v)) or "no claims"
@@ -370,7 +370,7 @@ def render_html(results: dict[str, dict], profile: Profile, out: Path, root: Pat
             link = f'<a href="{escape(name)}.html">{escape(name)}</a>'
         else:
             link = f"{escape(name)} (no executed notebook)"
-        title = notebook_card(files[name])["title"] if name in files else ""
+        title = escape(notebook_card(files[name])["title"]) if name in files else ""
         page = root / "site" / f"{name}.html"
         if page.is_file():
             title += f' (<a href="{escape(os.path.relpath(page, out))}">course page</a>)'
@@ -639,6 +639,8 @@ def _run(args) -> int:
 def _site(args) -> int:
     from pretrain_nb.site import build_site
 
+    if not 0 < args.port < 65536:
+        raise PretrainNbError(f"--port must be between 1 and 65535, not {args.port}.")
     out = args.out or repo_root() / "site"
     index = build_site(out)
     if not args.serve:

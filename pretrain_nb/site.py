@@ -20,16 +20,16 @@ from html import escape
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['WIDGET_VIEW', 'CLAIMS_JS', 'SITE_CSS', 'site_notebook', 'page_note', 'claims_page', 'home_page', 'nav_title',
-           'site_config', 'build_site', 'refresh_git_index', 'jupyter_post_save']
+__all__ = ['WIDGET_VIEW', 'CLAIMS_JS', 'SITE_CSS', 'site_notebook', 'page_note', 'changed_cells', 'claims_page', 'home_page',
+           'nav_title', 'site_config', 'build_site', 'refresh_git_index', 'jupyter_post_save']
 
 # %% ../nbs/06_site.ipynb #c743099f
-WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"  # the output type of a live widget
 
-
-def site_notebook(nb: dict) -> dict:
+# %% ../nbs/06_site.ipynb #a82206d9
+def site_notebook(nb: dict, keep_outputs: bool = True) -> dict:
     """The notebook as its page shows it: without nbdev's `#|` directives, cells that only held them, the
-    cell papermill injected, prompt numbers and widget state."""
+    cell papermill injected, prompt numbers and widget state (and without outputs unless `keep_outputs`)."""
     nb = copy.deepcopy(nb)
     cells = []
     for cell in nb["cells"]:
@@ -40,7 +40,7 @@ def site_notebook(nb: dict) -> dict:
             cell["source"] = "\n".join(x for x in source.splitlines() if not x.startswith("#|")).strip("\n")
             cell["execution_count"] = None
             outputs = []
-            for out in cell.get("outputs", []):
+            for out in cell.get("outputs", []) if keep_outputs else []:
                 if WIDGET_VIEW in out.get("data", {}):
                     text = "(an interactive widget: open the notebook in JupyterLab to use it)"
                     out = {"output_type": "display_data", "metadata": {}, "data": {"text/plain": text}}
@@ -53,14 +53,16 @@ def site_notebook(nb: dict) -> dict:
         cells.append(cell)
     nb["cells"] = cells
     nb["metadata"].pop("widgets", None)
+    nb["metadata"].pop("papermill", None)  # paths of the machine that ran it
     return nb
 
 # %% ../nbs/06_site.ipynb #5db084ef
-def page_note(rec: dict | None, name: str) -> str:
-    "The line under a page's title that names the run its outputs come from (or says there is none)."
+def page_note(rec: dict | None, name: str, changed_cells: int = 0) -> str:
+    """The line under a page's title: the run its outputs come from, and how many cells of the notebook
+    changed since that run (or that no executed copy is committed, so there are no outputs to show)."""
     if rec is None:
         return (
-            f"> This notebook has no committed `standard` run yet, so the page shows its code without "
+            f"> No executed copy of this notebook is committed yet, so the page shows its code without "
             f"outputs: `pretrain-nb run {name} --profile standard` makes one."
         )
     hw = rec.get("hardware", {})
@@ -70,7 +72,20 @@ def page_note(rec: dict | None, name: str) -> str:
         f"> The outputs on this page come from the committed `{rec['profile']}` run: {seeds} "
         f"seed{'' if seeds == 1 else 's'}, {rec['wall_time_s']:.0f} s on {machine}, commit "
         f"`{rec.get('git', {}).get('commit', '?')[:10]}`, {rec.get('started_at', '?')[:10]}."
+        + (
+            f" The notebook has changed in {changed_cells} cell{'' if changed_cells == 1 else 's'} since "
+            f"then; `pretrain-nb run {name} --profile standard` refreshes this page's outputs."
+            if changed_cells
+            else ""
+        )
     )
+
+# %% ../nbs/06_site.ipynb #af72c19e
+def changed_cells(source: dict, executed: dict) -> int:
+    "How many cells differ in type or text between a notebook and the executed copy of an earlier version."
+    a = [(c["cell_type"], "".join(c["source"])) for c in site_notebook(source, keep_outputs=False)["cells"]]
+    b = [(c["cell_type"], "".join(c["source"])) for c in site_notebook(executed, keep_outputs=False)["cells"]]
+    return sum(x != y for x, y in zip(a, b)) + abs(len(a) - len(b))
 
 # %% ../nbs/06_site.ipynb #9d1a38cc
 def claims_page(results: dict[str, dict]) -> str:
@@ -229,6 +244,7 @@ def site_config(cards: dict[str, dict], modules: list[str], root: Path, out: Pat
         "markdown_extensions": ["tables", "attr_list", "md_in_html", {"toc": {"permalink": True}}],
         "plugins": [
             "search",
+            "offline",  # search works from a file opened from disk too, with no server
             {
                 "mkdocs-jupyter": {
                     "execute": False,
@@ -255,42 +271,40 @@ def build_site(out: Path, root: Path | None = None) -> Path:
 
     try:
         import jupyter_server_mathjax
+        import material  # noqa: F401
         import mkdocs_jupyter  # noqa: F401
         import mkdocstrings  # noqa: F401
-        import material  # noqa: F401
     except ImportError as e:
         raise PretrainNbError(
             f"Building the site needs the dev extras ({e.name} is missing): run 'bash scripts/setup.sh'."
         ) from None
-    root = repo_root() if root is None else Path(root)
+    root = (repo_root() if root is None else Path(root)).resolve()
     out = Path(out).resolve()
-    if out == root.resolve():
+    # mkdocs empties its output folder first: never one that holds the repository or anything else
+    if out == root or out in root.parents:
         raise PretrainNbError(
-            "The site cannot be built into the repository itself; give another --out folder."
+            f"The site cannot go into {out}, which holds the repository; give another --out."
         )
+    if out.exists() and any(out.iterdir()) and not (out / "sitemap.xml").is_file():
+        raise PretrainNbError(f"{out} is not empty and holds no earlier site; give an empty or new --out.")
     with tempfile.TemporaryDirectory(prefix="pretrain-nb-site-") as staging:
         docs = Path(staging) / "docs"
         (docs / "api").mkdir(parents=True)
         cards, results = {}, {}
         for name, path in notebook_files(root).items():
             cards[name] = notebook_card(path)
-            committed = root / "figures" / name
-            rec = (
-                json.loads((committed / "results.json").read_text())
-                if (committed / "results.json").is_file()
-                else None
-            )
-            if rec is not None:
-                results[name] = rec
-            executed = committed / f"{name}.ipynb"
-            nb = site_notebook(json.loads((executed if executed.is_file() else path).read_text()))
-            note = {
-                "cell_type": "markdown",
-                "metadata": {},
-                "source": page_note(rec if executed.is_file() else None, name),
-            }
+            run_dir = root / "figures" / name
+            if (run_dir / "results.json").is_file():
+                results[name] = json.loads((run_dir / "results.json").read_text())
+            source = json.loads(path.read_text())
+            if (run_dir / f"{name}.ipynb").is_file():
+                executed = json.loads((run_dir / f"{name}.ipynb").read_text())
+                nb = site_notebook(executed)
+                note = page_note(results.get(name), name, changed_cells(source, executed))
+            else:  # the notebook itself, without any outputs a working copy may hold
+                nb, note = site_notebook(source, keep_outputs=False), page_note(None, name)
             title = next((i for i, c in enumerate(nb["cells"]) if c["cell_type"] == "markdown"), -1)
-            nb["cells"].insert(title + 1, note)
+            nb["cells"].insert(title + 1, {"cell_type": "markdown", "metadata": {}, "source": note})
             (docs / f"{name}.ipynb").write_text(json.dumps(nb))
         (docs / "index.md").write_text(home_page(cards, results))
         (docs / "claims.md").write_text(claims_page(results))
@@ -323,16 +337,17 @@ def refresh_git_index(path: Path) -> bool:
         return subprocess.run(["git", *args], cwd=path.parent, capture_output=True, text=True, timeout=60)
 
     try:
-        staged = git("ls-files", "--stage", "--", path.name).stdout.split()
-        if len(staged) < 2:
-            return False  # not tracked
-        if git("hash-object", "--", path.name).stdout.strip() != staged[1]:  # through the clean filter
+        entries = git("ls-files", "--stage", "--", path.name).stdout.splitlines()
+        if len(entries) != 1 or not entries[0].endswith(f" 0\t{path.name}"):
+            return False  # not tracked, or in the middle of a merge
+        mode, blob = entries[0].split()[:2]
+        if git("hash-object", "--", path.name).stdout.strip() != blob:  # through the clean filter
             return False  # the student changed its text: it stays modified
-        return git("update-index", "--", path.name).returncode == 0  # the same blob: only the record changes
-    except (
-        OSError,
-        subprocess.SubprocessError,
-    ):  # no git, or git too slow: the hook must never get in the way
+        # Record that same blob again, by its id (a save in between cannot slip in), with no size: git then
+        # compares contents at the next `git status`, finds them equal, and remembers the file as clean.
+        prefix = git("rev-parse", "--show-prefix").stdout.strip()
+        return git("update-index", "--cacheinfo", f"{mode},{blob},{prefix}{path.name}").returncode == 0
+    except (OSError, subprocess.SubprocessError):  # no git, or git too slow: never in the student's way
         return False
 
 # %% ../nbs/06_site.ipynb #7fc530a5

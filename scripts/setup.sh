@@ -62,7 +62,9 @@ fi
 #    The keys stripped besides nbstripout's defaults are the metadata JupyterLab and VS Code add, which
 #    nbdev-clean (the tests' reference) removes too.
 if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-  strip="'$PWD/$VENV/bin/nbstripout' --keep-id --extra-keys '$NBSTRIPOUT_EXTRA_KEYS'"
+  # a path relative to the repository (git runs filters from the top of the working tree): moving the
+  # clone keeps it working; without .venv/ git stops with "clean filter 'nbstripout' failed"
+  strip="$VENV/bin/nbstripout --keep-id --extra-keys '$NBSTRIPOUT_EXTRA_KEYS'"
   git config filter.nbstripout.clean "$strip"
   git config filter.nbstripout.smudge cat
   git config filter.nbstripout.required true

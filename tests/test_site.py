@@ -50,7 +50,9 @@ def browser(site, tmp_path_factory):
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed")
     chromium = _chromium()
     if chromium is None:
-        pytest.skip("no Chromium on this machine (Debian: apt-get install chromium; scripts/setup.sh does it)")
+        pytest.skip(
+            "no Chromium on this machine (Debian: apt-get install chromium; scripts/setup.sh does it)"
+        )
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
@@ -61,7 +63,11 @@ def browser(site, tmp_path_factory):
     base = f"http://127.0.0.1:{server.server_address[1]}"
     shots = tmp_path_factory.mktemp("screenshots")
     with sync_api.sync_playwright() as p:
-        chrome = p.chromium.launch(executable_path=chromium)
+        try:
+            chrome = p.chromium.launch(executable_path=chromium)
+        except sync_api.Error as e:  # a snap or too old a Chromium that Playwright cannot drive
+            server.shutdown()
+            pytest.skip(f"Chromium at {chromium} does not start under Playwright: {str(e).splitlines()[0]}")
         page = chrome.new_page(viewport={"width": 1280, "height": 900})
         elsewhere = []
         page.on("request", lambda r: None if r.url.startswith((base, "data:")) else elsewhere.append(r.url))
@@ -115,7 +121,9 @@ def test_search_finds_a_method(browser):
 def test_claims_page_lists_every_claim_and_filters_them(browser):
     page, base, shots, _ = browser
     claims = [
-        c for p in sorted((ROOT / "figures").glob("*/results.json")) for c in json.loads(p.read_text())["claims"]
+        c
+        for p in sorted((ROOT / "figures").glob("*/results.json"))
+        for c in json.loads(p.read_text())["claims"]
     ]
     page.goto(f"{base}/claims.html")
     assert page.locator("#claims tbody tr").count() == len(claims) > 0
