@@ -644,7 +644,9 @@ def _site(args) -> int:
     out = args.out or repo_root() / "site"
     index = build_site(out)
     if not args.serve:
-        print(f"wrote the site into {out}: open {index} or serve it with 'pretrain-nb site --serve'")
+        print(
+            f"wrote the site into {out}: 'pretrain-nb site --serve' serves it ({index} opens without search)"
+        )
         return 0
     import functools
     import http.server

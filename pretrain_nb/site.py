@@ -243,8 +243,9 @@ def site_config(cards: dict[str, dict], modules: list[str], root: Path, out: Pat
         "extra_javascript": ["assets/claims.js"],
         "markdown_extensions": ["tables", "attr_list", "md_in_html", {"toc": {"permalink": True}}],
         "plugins": [
+            # search needs a web server: Material's offline plugin, which makes it work from file://,
+            # loads a script from a CDN
             "search",
-            "offline",  # search works from a file opened from disk too, with no server
             {
                 "mkdocs-jupyter": {
                     "execute": False,
