@@ -573,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="execute notebooks with papermill into runs/<profile>/")
     r.add_argument("names", nargs="*", metavar="NAME", help="notebook names or unambiguous prefixes")
     r.add_argument("--all", action="store_true", help="every notebook in nbs/")
-    r.add_argument("--profile", default="standard", help="smoke, standard or full (default: standard)")
+    r.add_argument("-p", "--profile", default="standard", help="smoke, standard or full (default: standard)")
     r.add_argument("--seed", type=int, default=None, help="base seed (default: the profile's base_seed)")
     rep = sub.add_parser("report", help="REPRODUCTION.md and an HTML page per executed notebook")
     rep.add_argument("--profile", default="standard", help="which runs to gather (default: standard)")
