@@ -207,7 +207,8 @@ def home_page(cards: dict[str, dict], results: dict[str, dict]) -> str:
         for n in names:
             verdicts = [c["verdict"] for c in results.get(n, {}).get("claims", [])]
             counts = ", ".join(f"{verdicts.count(v)} {v}" for v in VERDICTS if verdicts.count(v))
-            lines.append(f"| [{n}]({n}.ipynb) | {cards[n]['title']} | {counts or '-'} |")
+            title = cards[n]["title"].replace("|", "\\|")  # a | would end the table's cell
+            lines.append(f"| [{n}]({n}.ipynb) | {title} | {counts or '-'} |")
     return "\n".join(lines) + "\n"
 
 # %% ../nbs/06_site.ipynb #6546ba51
