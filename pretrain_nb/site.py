@@ -21,7 +21,8 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['WIDGET_VIEW', 'CLAIMS_JS', 'SITE_CSS', 'site_notebook', 'page_note', 'changed_cells', 'claims_page', 'home_page',
-           'nav_title', 'site_config', 'build_site', 'refresh_git_index', 'jupyter_post_save']
+           'nav_title', 'site_config', 'build_site', 'clean_for_git', 'git_clean_filter', 'refresh_git_index',
+           'jupyter_post_save']
 
 # %% ../nbs/06_site.ipynb #c743099f
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"  # the output type of a live widget
@@ -327,6 +328,37 @@ def build_site(out: Path, root: Path | None = None) -> Path:
     if done.returncode != 0:
         raise PretrainNbError(f"mkdocs could not build the site: {done.stderr.strip()[-1500:]}")
     return out / "index.html"
+
+# %% ../nbs/06_site.ipynb #a60ccf59
+def clean_for_git(text: str) -> str:
+    """A notebook as git stores it: no outputs, execution counts or widget state, then nbdev-clean's
+    rules with the project's [tool.nbdev] settings (the metadata keys kept, the kernel's display name)."""
+    from fastcore.nbio import nb2str
+    from nbdev.clean import clean_nb
+    from nbdev.config import get_config
+
+    nb = json.loads(text)
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "code":
+            cell["outputs"], cell["execution_count"] = [], None
+    nb.get("metadata", {}).pop("widgets", None)  # widget state is output too (nbdev-clean keeps it for docs)
+    cfg = get_config()  # the pyproject.toml above the working directory; nbdev's defaults without one
+    clean_nb(
+        nb,
+        allowed_metadata_keys=cfg.get("allowed_metadata_keys") or [],
+        allowed_cell_metadata_keys=cfg.get("allowed_cell_metadata_keys") or [],
+        clean_ids=cfg.clean_ids,
+    )
+    return nb2str(nb)
+
+# %% ../nbs/06_site.ipynb #22f20c8f
+def git_clean_filter(argv: list[str] | None = None) -> None:
+    """The `pretrain-nb-git-clean` command: git's clean filter (a notebook on stdin) and `git diff`'s
+    textconv (a notebook's path as argument), the cleaned notebook on stdout."""
+    argv = sys.argv[1:] if argv is None else argv
+    text = Path(argv[0]).read_text(encoding="utf-8") if argv else sys.stdin.buffer.read().decode("utf-8")
+    sys.stdout.buffer.write(clean_for_git(text).encode("utf-8"))
+    sys.stdout.flush()
 
 # %% ../nbs/06_site.ipynb #866a3a05
 def refresh_git_index(path: Path) -> bool:

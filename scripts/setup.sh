@@ -9,9 +9,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=.venv
-NBSTRIPOUT_EXTRA_KEYS="metadata.language_info metadata.vscode metadata.toc metadata.toc-autonumbering \
-cell.metadata.jp-MarkdownHeadingCollapsed cell.metadata.editable cell.metadata.deletable \
-cell.metadata.slideshow cell.metadata.vscode cell.metadata.papermill metadata.papermill"
 say() { printf '[setup] %s\n' "$*"; }
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -58,17 +55,15 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2
     || say "could not install dataset-fashion-mnist; the image notebooks will say how to get Fashion-MNIST"
 fi
 # 4. a git filter that keeps outputs out of what git stores (see .gitattributes): run and save notebooks
-#    in JupyterLab as you like; `git status` and the tests see the notebooks as they would be committed.
-#    The keys stripped besides nbstripout's defaults are the metadata JupyterLab and VS Code add, which
-#    nbdev-clean (the tests' reference) removes too.
+#    in JupyterLab as you like; `git status`, `git diff` and the tests see the notebooks as they would be
+#    committed (pretrain_nb.site.clean_for_git: no outputs, then nbdev-clean's rules). The path is
+#    relative to the repository (git runs filters from its top): without .venv/ git says the filter failed.
 if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-  # a path relative to the repository (git runs filters from the top of the working tree): moving the
-  # clone keeps it working; without .venv/ git stops with "clean filter 'nbstripout' failed"
-  strip="$VENV/bin/nbstripout --keep-id --extra-keys '$NBSTRIPOUT_EXTRA_KEYS'"
-  git config filter.nbstripout.clean "$strip"
-  git config filter.nbstripout.smudge cat
-  git config filter.nbstripout.required true
-  git config diff.ipynb.textconv "$strip -t"
+  git config filter.pretrain-nb-clean.clean "$VENV/bin/pretrain-nb-git-clean"
+  git config filter.pretrain-nb-clean.smudge cat
+  git config filter.pretrain-nb-clean.required true
+  git config diff.ipynb.textconv "$VENV/bin/pretrain-nb-git-clean"
+  git config --remove-section filter.nbstripout 2>/dev/null || true  # this session's first filter
 fi
 #    git decides "modified" from a file's size before it runs the filter, so after JupyterLab saves
 #    outputs `git status` would list the notebook although `git diff` is empty. A Jupyter post-save hook

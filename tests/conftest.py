@@ -78,9 +78,10 @@ def _staged_blob_ids() -> dict[Path, str]:
 
 
 def committed_text(path: Path) -> str:
-    """What `git add` would store for `path`: the file passed through its clean filter (nbstripout for
-    nbs/*.ipynb once scripts/setup.sh has configured it), else the file as it is. A student's working copy
-    may hold outputs that JupyterLab saved; the tests judge what would be committed."""
+    """What `git add` would store for `path`: the file passed through its clean filter
+    (pretrain-nb-git-clean for nbs/*.ipynb once scripts/setup.sh has configured it), else the file as it
+    is. A student's working copy may hold outputs that JupyterLab saved; the tests judge what would be
+    committed."""
     raw = path.read_bytes()
     if _git_blob_id(raw) == _staged_blob_ids().get(path.resolve()):
         return raw.decode()  # the file is byte for byte what git stores: nothing to filter (and fast)

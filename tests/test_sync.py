@@ -1,6 +1,6 @@
 """The package is exactly what the notebooks export, and the notebooks are clean: running nbdev-export
 and nbdev-clean on a copy of the repository must change nothing. The copy holds the notebooks as git would
-commit them (through the nbstripout filter that scripts/setup.sh configures), so outputs that JupyterLab
+commit them (through the clean filter that scripts/setup.sh configures), so outputs that JupyterLab
 saved into a working copy do not fail these tests; outputs that would be committed do."""
 
 import filecmp
@@ -82,7 +82,7 @@ def test_the_git_filter_strips_what_jupyterlab_saves(tmp_path):
     path = ROOT / "nbs" / "_template.ipynb"
     command = git_filter(path)
     if command is None:
-        pytest.skip("the nbstripout git filter is not configured here: run 'bash scripts/setup.sh'")
+        pytest.skip("the git clean filter is not configured here: run 'bash scripts/setup.sh'")
     committed = committed_text(path)  # the working copy may hold a student's outputs already
     nb = json.loads(committed)
     nb["metadata"]["language_info"] = {"name": "python", "version": "3.11.7", "pygments_lexer": "ipython3"}
