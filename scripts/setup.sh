@@ -68,9 +68,17 @@ fi
 #    git decides "modified" from a file's size before it runs the filter, so after JupyterLab saves
 #    outputs `git status` would list the notebook although `git diff` is empty. A Jupyter post-save hook
 #    (pretrain_nb.site.jupyter_post_save) refreshes git's record of a notebook whose text did not change.
-mkdir -p "$VENV/etc/jupyter/jupyter_server_config.d"
-printf '{"ContentsManager": {"post_save_hook": "pretrain_nb.site.jupyter_post_save"}}\n' \
-  > "$VENV/etc/jupyter/jupyter_server_config.d/pretrain-nb.json"
+#    (jupyter_server_config.json of the environment, merged with what is there: the .d folder beside it
+#    is read for server extensions only.)
+rm -f "$VENV/etc/jupyter/jupyter_server_config.d/pretrain-nb.json"  # where an earlier setup put it
+"$VENV/bin/python" - "$VENV/etc/jupyter/jupyter_server_config.json" <<'PY'
+import json, pathlib, sys
+path = pathlib.Path(sys.argv[1])
+config = json.loads(path.read_text()) if path.is_file() else {}
+config.setdefault("ContentsManager", {})["post_save_hook"] = "pretrain_nb.site.jupyter_post_save"
+path.parent.mkdir(parents=True, exist_ok=True)
+path.write_text(json.dumps(config, indent=2) + "\n")
+PY
 #    A browser for the site's test (tests/test_site.py), from Debian where apt and root are available.
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   say "installing Chromium (Debian package chromium) for the site's browser test"
