@@ -22,9 +22,9 @@ from .results import VERDICTS
 
 # %% auto #0
 __all__ = ['PARTS', 'RENAMED', 'SOLUTION_STUB', 'notebook_files', 'notebook_part', 'resolve_notebooks', 'notebook_card',
-           'list_notebooks', 'runs_folder', 'execute_notebook', 'refresh_reference', 'format_summary', 'gather_results',
-           'reproduction_markdown', 'render_html', 'report_folder', 'write_report', 'compare_results', 'verify',
-           'student_notebook', 'make_course', 'build_parser', 'main']
+           'list_notebooks', 'runs_folder', 'execute_notebook', 'refresh_reference', 'verdict_counts', 'format_summary',
+           'gather_results', 'reproduction_markdown', 'render_html', 'report_folder', 'write_report', 'compare_results',
+           'verify', 'student_notebook', 'make_course', 'build_parser', 'main']
 
 # %% ../nbs/00_cli.ipynb #ff68324d
 def notebook_files(root: Path | None = None) -> dict[str, Path]:
@@ -233,13 +233,18 @@ def refresh_reference(name: str, profile: Profile) -> Path:
     return dst
 
 # %% ../nbs/00_cli.ipynb #ac852919
+def verdict_counts(verdicts: list[str]) -> str:
+    "['reproduced', 'inconclusive', 'reproduced'] -> '2 reproduced, 1 inconclusive' ('' for none)."
+    return ", ".join(f"{verdicts.count(v)} {v}" for v in VERDICTS if verdicts.count(v))
+
+# %% ../nbs/00_cli.ipynb #bd280bb8
 def format_summary(rows: list[dict]) -> str:
     "One line per executed notebook: status, wall time against budget, peak memory, verdicts."
     lines = []
     for r in rows:
         status = "FAILED" if r["error"] else ("over budget" if r["wall_time_s"] > r["budget_s"] else "ok")
         verdicts = r.get("verdicts") or []
-        counts = ", ".join(f"{verdicts.count(v)} {v}" for v in VERDICTS if verdicts.count(v)) or "no claims"
+        counts = verdict_counts(verdicts) or "no claims"
         mem = f"{r['peak_memory_mb']:.0f} MiB" if r.get("peak_memory_mb") else "?"
         lines.append(
             f"{r['notebook']:<30} {status:<11} {r['wall_time_s']:>7.1f} s / {_fmt_s(r['budget_s']):<7} "
@@ -363,7 +368,7 @@ def render_html(results: dict[str, dict], profile: Profile, out: Path, root: Pat
         if not executed.is_file() and profile.name == "standard":  # the committed run stands in
             executed = profile.figures_dir / name / f"{name}.ipynb"
         verdicts = [c["verdict"] for c in rec.get("claims", [])]
-        counts = ", ".join(f"{verdicts.count(v)} {v}" for v in VERDICTS if verdicts.count(v)) or "no claims"
+        counts = verdict_counts(verdicts) or "no claims"
         if executed.is_file():
             body, _ = exporter.from_filename(str(executed))  # images are embedded as data URIs
             (out / f"{name}.html").write_text(body)

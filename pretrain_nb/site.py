@@ -66,15 +66,15 @@ def page_note(rec: dict | None, name: str, changed_cells: int = 0) -> str:
             f"> No executed copy of this notebook is committed yet, so the page shows its code without "
             f"outputs: `pretrain-nb run {name} --profile standard` makes one."
         )
-    hw = rec.get("hardware", {})
-    machine = hw.get("gpu") or f"{hw.get('cpu_count', '?')} cores of {hw.get('cpu_model') or 'a CPU'}"
-    seeds = len(rec.get("seeds", []))
+    from pretrain_nb.cli import _hardware
+    from pretrain_nb.core import plural
+
     return (
-        f"> The outputs on this page come from the committed `{rec['profile']}` run: {seeds} "
-        f"seed{'' if seeds == 1 else 's'}, {rec['wall_time_s']:.0f} s on {machine}, commit "
-        f"`{rec.get('git', {}).get('commit', '?')[:10]}`, {rec.get('started_at', '?')[:10]}."
+        f"> The outputs on this page come from the committed `{rec['profile']}` run: "
+        f"{plural(len(rec.get('seeds', [])), 'seed')}, {rec['wall_time_s']:.0f} s on {_hardware(rec)}, "
+        f"commit `{rec.get('git', {}).get('commit', '?')[:10]}`, {rec.get('started_at', '?')[:10]}."
         + (
-            f" The notebook has changed in {changed_cells} cell{'' if changed_cells == 1 else 's'} since "
+            f" The notebook has changed in {plural(changed_cells, 'cell')} since "
             f"then; `pretrain-nb run {name} --profile standard` refreshes this page's outputs."
             if changed_cells
             else ""
@@ -183,8 +183,7 @@ SITE_CSS = """
 # %% ../nbs/06_site.ipynb #5ba18f44
 def home_page(cards: dict[str, dict], results: dict[str, dict]) -> str:
     "The home page: what the book is, then its notebooks by part with what each covers and its verdicts."
-    from pretrain_nb.cli import PARTS, notebook_part
-    from pretrain_nb.results import VERDICTS
+    from pretrain_nb.cli import PARTS, notebook_part, verdict_counts
 
     lines = [
         "# pretrain-nb",
@@ -207,7 +206,7 @@ def home_page(cards: dict[str, dict], results: dict[str, dict]) -> str:
         lines += ["| notebook | what it covers | verdicts |", "|---|---|---|"]
         for n in names:
             verdicts = [c["verdict"] for c in results.get(n, {}).get("claims", [])]
-            counts = ", ".join(f"{verdicts.count(v)} {v}" for v in VERDICTS if verdicts.count(v))
+            counts = verdict_counts(verdicts)
             title = cards[n]["title"].replace("|", "\\|")  # a | would end the table's cell
             lines.append(f"| [{n}]({n}.ipynb) | {title} | {counts or '-'} |")
     return "\n".join(lines) + "\n"
