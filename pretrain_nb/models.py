@@ -24,7 +24,7 @@ __all__ = ['NORM_PLACEMENTS', 'BLOCK_NORMS', 'POSITIONS', 'VIT_POSITIONS', 'VIT_
            'TransformerStack', 'init_weights', 'GPT', 'causal_lm_loss', 'lm_loss', 'Encoder', 'MLMHead', 'MaskedLM',
            'patchify', 'unpatchify', 'sincos_positions_2d', 'random_masking', 'gather_tokens', 'PatchPositions', 'ViT',
            'EncoderClassifier', 'count_parameters', 'matmul_parameters', 'flops_per_token', 'vit_flops_per_image',
-           'TransformerSettings', 'ViTSettings']
+           'training_flops', 'TransformerSettings', 'ViTSettings']
 
 # %% ../nbs/02_models.ipynb #9a310830
 NORM_PLACEMENTS = ("pre", "post", "peri", "mix")  # per model; "mix" combines post and pre blocks
@@ -512,11 +512,19 @@ def matmul_parameters(cfg: TransformerConfig, out_features: int | None = None, i
 
 
 def flops_per_token(
-    cfg: TransformerConfig, seq_len: int | None = None, out_features: int | None = None, in_features: int = 0
+    cfg: TransformerConfig,
+    seq_len: int | None = None,
+    out_features: int | None = None,
+    in_features: int = 0,
+    masked: int = 0,
 ) -> float:
-    "Training FLOPs per token: 6 N (matmul weights) + 12 L T d (attention scores and mixing)."
+    """Training FLOPs per token: 6 N (matmul weights, less the `masked` ones a sparsity mask holds at zero)
+    + 12 L T d (attention scores and mixing, always dense)."""
     T = seq_len or cfg.block_size
-    return 6 * matmul_parameters(cfg, out_features, in_features) + 12 * cfg.n_layers * T * cfg.d_model
+    n = matmul_parameters(cfg, out_features, in_features)
+    if not 0 <= masked <= n:
+        raise PretrainNbError(f"masked must count between 0 and the {n:,} matmul weights, not {masked}.")
+    return 6 * (n - masked) + 12 * cfg.n_layers * T * cfg.d_model
 
 # %% ../nbs/02_models.ipynb #055bbc40
 def vit_flops_per_image(model: ViT) -> float:
@@ -525,6 +533,17 @@ def vit_flops_per_image(model: ViT) -> float:
     per_token = flops_per_token(model.cfg, T, out_features=0, in_features=model.patch_embed.in_features)
     head = 6 * model.cfg.d_model * model.head.out_features if model.head is not None else 0
     return T * per_token + head
+
+# %% ../nbs/02_models.ipynb #a24d19c3
+def training_flops(phases, seq_len: int | None = None) -> float:
+    """Training FLOPs of a run made of phases, each (TransformerConfig, tokens) or (TransformerConfig, tokens,
+    masked weights): the sum over the phases of tokens x flops_per_token."""
+    total = 0.0
+    for cfg, tokens, *masked in phases:
+        if tokens < 0:
+            raise PretrainNbError(f"A phase cannot train on a negative number of tokens ({tokens}).")
+        total += tokens * flops_per_token(cfg, seq_len, masked=masked[0] if masked else 0)
+    return total
 
 # %% ../nbs/02_models.ipynb #67394644
 GPT_SIZES = {
