@@ -22,7 +22,7 @@ from .training import RunResult, RunSettings, train
 
 # %% auto #0
 __all__ = ['OPERATORS', 'stack_depth', 'zero_depth', 'width_maps', 'widen', 'fpi_width', 'aki_width', 'linear_cka',
-           'layer_similarity', 'ema', 'flops_to_reach', 'GrowthRun', 'GrowthResult', 'run_growth']
+           'layer_similarity', 'ema', 'flops_to_reach', 'compute_ratio', 'GrowthRun', 'GrowthResult', 'run_growth']
 
 # %% ../nbs/51_model_growth.ipynb #41701913
 def _check_depth(small: GPT, n_layers: int) -> int:
@@ -192,6 +192,14 @@ def flops_to_reach(flops, losses, target: float) -> float:
         return float(flops[0])
     share = (losses[i - 1] - target) / (losses[i - 1] - losses[i])  # how far between the two evaluations
     return float(flops[i - 1] + share * (flops[i] - flops[i - 1]))
+
+# %% ../nbs/51_model_growth.ipynb #6629a2c2
+def compute_ratio(flops, losses, scratch_flops, scratch_losses, span: int = 5) -> float:
+    """FLOPs the scratch run needs / FLOPs the other run needs to reach the loss both reach (the higher of
+    their final losses), on curves smoothed by `ema`: above 1, the other run is faster."""
+    mine, theirs = ema(losses, span), ema(scratch_losses, span)
+    level = max(mine[-1], theirs[-1])
+    return flops_to_reach(scratch_flops, theirs, level) / flops_to_reach(flops, mine, level)
 
 # %% ../nbs/51_model_growth.ipynb #231a44b9
 OPERATORS = {
