@@ -17,12 +17,20 @@ import torch
 
 from .core import PretrainNbError, make_accelerator, one_of, seed_everything
 from .data import char_blocks
-from .models import GPT, TransformerConfig, TransformerSettings, flops_per_token, lm_loss
+from pretrain_nb.models import (
+    GPT,
+    TransformerConfig,
+    TransformerSettings,
+    flops_per_token,
+    lm_loss,
+    training_flops,
+)
 from .training import RunResult, RunSettings, train
 
 # %% auto #0
 __all__ = ['OPERATORS', 'stack_depth', 'zero_depth', 'width_maps', 'widen', 'fpi_width', 'aki_width', 'linear_cka',
-           'layer_similarity', 'ema', 'flops_to_reach', 'compute_ratio', 'GrowthRun', 'GrowthResult', 'run_growth']
+           'layer_similarity', 'ema', 'flops_to_reach', 'compute_ratio', 'GrowthRun', 'GrowthResult',
+           'validation_blocks', 'run_growth']
 
 # %% ../nbs/51_model_growth.ipynb #41701913
 def _check_depth(small: GPT, n_layers: int) -> int:
@@ -69,13 +77,14 @@ def zero_depth(small: GPT, n_layers: int) -> GPT:
 # %% ../nbs/51_model_growth.ipynb #47c283d1
 def width_maps(cfg: TransformerConfig, factor: int = 2) -> dict:
     """For a model of cfg's shape widened `factor` times: for each wide unit, the narrow unit it copies
-    ('resid', 'head', 'hidden') and whether it is a new copy ('new_head', 'new_hidden')."""
+    ('resid', 'head', 'hidden') and whether it is a new copy ('new_resid', 'new_head', 'new_hidden')."""
     d, hd, hidden = cfg.d_model, cfg.head_dim, cfg.mlp_ratio * cfg.d_model
     j = torch.arange(factor * d)
     within = j % (factor * hd)  # position inside the (widened) head
     h = torch.arange(factor * hidden)
     return {
         "resid": j % d,
+        "new_resid": j >= d,
         "head": (j // (factor * hd)) * hd + within % hd,
         "new_head": within >= hd,
         "hidden": h % hidden,
@@ -103,8 +112,14 @@ def widen(small: GPT, factor: int = 2, next_layer: bool = False) -> GPT:
     query_scale[: factor * d] = 1 / math.sqrt(factor)  # keeps q.k / sqrt(head width) as it was
     s = small.state_dict()
 
-    def expand(name: str, layer: int, rows, cols) -> torch.Tensor:
-        return s[f"trunk.blocks.{layer}.{name}"][rows][:, cols] / factor
+    def grown(name: str, layer: int, rows, cols, new_rows) -> torch.Tensor:
+        "FPI's expansion of block `layer`'s weight; with AKI, its new units' rows from the next block's."
+        key = f"trunk.blocks.{{}}.{name}"
+        weight = s[key.format(layer)][rows] if cols is None else s[key.format(layer)][rows][:, cols] / factor
+        if next_layer:
+            source = s[key.format(min(layer + 1, cfg.n_layers - 1))]  # the last block has no next one
+            weight[new_rows] = (source[rows] if cols is None else source[rows][:, cols] / factor)[new_rows]
+        return weight
 
     state = {
         "tok_emb.weight": s["tok_emb.weight"][:, m["resid"]],
@@ -112,23 +127,15 @@ def widen(small: GPT, factor: int = 2, next_layer: bool = False) -> GPT:
     }
     if cfg.pos == "learned":
         state["trunk.pos_emb"] = s["trunk.pos_emb"][:, :, m["resid"]]
+    resid, new_resid = m["resid"], m["new_resid"]
     for layer in range(cfg.n_layers):
-        nxt = min(layer + 1, cfg.n_layers - 1) if next_layer else layer
         p = f"trunk.blocks.{layer}."
-        state[p + "ln1.weight"] = s[p + "ln1.weight"][m["resid"]]
-        state[p + "ln2.weight"] = s[p + "ln2.weight"][m["resid"]]
-        qkv = expand("attn.qkv.weight", layer, qkv_rows, m["resid"])
-        qkv[new_qkv] = expand("attn.qkv.weight", nxt, qkv_rows, m["resid"])[new_qkv]
-        state[p + "attn.qkv.weight"] = qkv * query_scale
-        proj = expand("attn.proj.weight", layer, m["resid"], m["head"])
-        proj[:, m["new_head"]] = expand("attn.proj.weight", nxt, m["resid"], m["head"])[:, m["new_head"]]
-        state[p + "attn.proj.weight"] = proj
-        fc = expand("mlp.fc.weight", layer, m["hidden"], m["resid"])
-        fc[m["new_hidden"]] = expand("mlp.fc.weight", nxt, m["hidden"], m["resid"])[m["new_hidden"]]
-        state[p + "mlp.fc.weight"] = fc
-        out = expand("mlp.proj.weight", layer, m["resid"], m["hidden"])
-        out[:, m["new_hidden"]] = expand("mlp.proj.weight", nxt, m["resid"], m["hidden"])[:, m["new_hidden"]]
-        state[p + "mlp.proj.weight"] = out
+        state[p + "ln1.weight"] = grown("ln1.weight", layer, resid, None, new_resid)
+        state[p + "ln2.weight"] = grown("ln2.weight", layer, resid, None, new_resid)
+        state[p + "attn.qkv.weight"] = grown("attn.qkv.weight", layer, qkv_rows, resid, new_qkv) * query_scale
+        state[p + "attn.proj.weight"] = grown("attn.proj.weight", layer, resid, m["head"], new_resid)
+        state[p + "mlp.fc.weight"] = grown("mlp.fc.weight", layer, m["hidden"], resid, m["new_hidden"])
+        state[p + "mlp.proj.weight"] = grown("mlp.proj.weight", layer, resid, m["hidden"], new_resid)
     state["head.weight"] = state["tok_emb.weight"]
     big.load_state_dict(state)
     return big
@@ -229,7 +236,7 @@ class GrowthRun(RunSettings, TransformerSettings):
     small_steps: int = 250  # steps of the small model before growth
     depth_factor: int = 4  # the depth operators grow n_layers / depth_factor layers into n_layers
     width_factor: int = 2  # the width operators grow d_model / width_factor into d_model
-    n_val_blocks: int = 64
+    n_val_blocks: int = 256  # a fixed random sample of the validation blocks (validation_blocks)
     n_similarity_blocks: int = 16  # training blocks the layer similarity is measured on
 
     def __post_init__(self):
@@ -267,7 +274,7 @@ class GrowthRun(RunSettings, TransformerSettings):
         "Steps of the target that the budget leaves after the small model's (scratch: all of them)."
         if self.operator == "scratch":
             return self.steps
-        small = self.small_steps * self.tokens_per_step() * flops_per_token(self.small_config(vocab_size))
+        small = training_flops([(self.small_config(vocab_size), self.small_steps * self.tokens_per_step())])
         per_step = self.tokens_per_step() * flops_per_token(self.target_config(vocab_size))
         left = round((self.budget_flops(vocab_size) - small) / per_step)
         if left < 1:
@@ -283,8 +290,8 @@ class GrowthRun(RunSettings, TransformerSettings):
 # %% ../nbs/51_model_growth.ipynb #0241ee8c
 @dataclasses.dataclass
 class GrowthResult(RunResult):
-    """One arm of one seed: `history` has step, phase ('small' or 'target'), flops (cumulative, small model
-    included) and val_loss; the rest are the numbers around growth and the layer similarities."""
+    """One arm of one seed: `history` has step, phase ('small' or 'target'), flops and tokens (cumulative,
+    small model included) and val_loss; the rest are the numbers around growth and the layer similarities."""
 
     loss_small: float | None  # the small model's validation loss at growth (None: scratch)
     loss_at_growth: float | None  # the grown model's, before any step
@@ -299,6 +306,12 @@ class GrowthResult(RunResult):
     def final_loss(self) -> float:
         return self.history["val_loss"][-1]
 
+# %% ../nbs/51_model_growth.ipynb #94195fc4
+def validation_blocks(data: dict, n: int, seed: int = 1234) -> torch.Tensor:
+    "n validation blocks of `data` (char_blocks) drawn at random by `seed` alone."
+    generator = torch.Generator().manual_seed(seed)
+    return data["validation"][torch.randperm(len(data["validation"]), generator=generator)[:n]]
+
 # %% ../nbs/51_model_growth.ipynb #35e5c0f6
 def run_growth(seed: int, profile, **settings) -> GrowthResult:
     """Train one arm of the growth comparison that `settings` (GrowthRun fields) describe, from `seed`:
@@ -306,7 +319,7 @@ def run_growth(seed: int, profile, **settings) -> GrowthResult:
     run = GrowthRun.from_settings(settings)
     data = char_blocks(run.block_size, run.corpus)
     V = data["vocab_size"]
-    val = data["validation"][: run.n_val_blocks]
+    val = validation_blocks(data, run.n_val_blocks)
     similarity_blocks = data["train"][: run.n_similarity_blocks]
     tokens = run.tokens_per_step()
     accelerator = make_accelerator(profile)
@@ -320,7 +333,7 @@ def run_growth(seed: int, profile, **settings) -> GrowthResult:
         return loss
 
     def train_phase(model, steps, phase_seed, flops_before, phase):
-        per_step = tokens * flops_per_token(model.cfg)
+        per_step = training_flops([(model.cfg, tokens)])
         start = time.perf_counter()
         hist = train(
             model,
@@ -335,20 +348,35 @@ def run_growth(seed: int, profile, **settings) -> GrowthResult:
             "step": hist.step.tolist(),
             "phase": [phase] * len(hist),
             "flops": (flops_before + hist.step * per_step).tolist(),
+            "tokens": (tokens_before[0] + hist.step * tokens).tolist(),
             "val_loss": hist.val_loss.tolist(),
         }
+        tokens_before[0] += steps * tokens
         return rows, seconds, flops_before + steps * per_step
 
+    tokens_before = [0]  # tokens trained on before the current phase (a list: the closure updates it)
     seed_everything(seed)
-    history = {"step": [], "phase": [], "flops": [], "val_loss": []}
+    history = {"step": [], "phase": [], "flops": [], "tokens": [], "val_loss": []}
     seconds, flops = {}, 0.0
     loss_small = loss_at_growth = loss_preserving = similarity_at_growth = None
     if run.operator == "scratch":
         model = GPT(run.target_config(V))
-        history |= {"step": [0], "phase": ["target"], "flops": [0.0], "val_loss": [val_loss(model)]}
+        history |= {
+            "step": [0],
+            "phase": ["target"],
+            "flops": [0.0],
+            "tokens": [0],
+            "val_loss": [val_loss(model)],
+        }
     else:
         small = GPT(run.small_config(V))
-        history |= {"step": [0], "phase": ["small"], "flops": [0.0], "val_loss": [val_loss(small)]}
+        history |= {
+            "step": [0],
+            "phase": ["small"],
+            "flops": [0.0],
+            "tokens": [0],
+            "val_loss": [val_loss(small)],
+        }
         rows, seconds["small"], flops = train_phase(small, run.small_steps, seed, 0.0, "small")
         for k in history:
             history[k] += rows[k]
@@ -361,7 +389,8 @@ def run_growth(seed: int, profile, **settings) -> GrowthResult:
         loss_small, loss_at_growth, loss_preserving = val_loss(small), val_loss(model), val_loss(check)
         similarity_at_growth = layer_similarity(model.eval(), similarity_blocks).tolist()
         model.train()
-        history = {k: v + [x] for (k, v), x in zip(history.items(), [0, "target", flops, loss_at_growth])}
+        at_growth = [0, "target", flops, tokens_before[0], loss_at_growth]
+        history = {k: v + [x] for (k, v), x in zip(history.items(), at_growth)}
     # a fresh data order for the target phase: the small model's batches are not replayed in order
     rows, seconds["target"], flops = train_phase(model, run.grown_steps(V), seed + 10_000, flops, "target")
     for k in history:

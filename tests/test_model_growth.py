@@ -98,7 +98,17 @@ def test_fpi_duplicates_every_unit_and_aki_takes_new_units_from_the_next_layer()
     # outgoing weights of duplicated inputs are divided by the number of copies
     proj = fpi.trunk.blocks[0].mlp.proj.weight
     assert torch.allclose(proj[:d, :hidden] * 2, small.trunk.blocks[0].mlp.proj.weight)
-    assert m["new_hidden"].sum() == hidden and m["new_head"].sum() == d
+    assert m["new_hidden"].sum() == hidden and m["new_head"].sum() == d == m["new_resid"].sum()
+    # AKI: the new residual rows written by the attention and MLP outputs come from the next layer too, so
+    # the two halves of the residual stream differ (FPI keeps them equal: [x, x])
+    out_aki, out_fpi = aki.trunk.blocks[0].mlp.proj.weight, fpi.trunk.blocks[0].mlp.proj.weight
+    assert torch.equal(out_aki[d:], fpi.trunk.blocks[1].mlp.proj.weight[d:])
+    assert torch.equal(out_aki[:d], out_fpi[:d])
+    with torch.no_grad():
+        stream = aki.trunk.blocks[0](aki.tok_emb(IDX))
+        copies = fpi.trunk.blocks[0](fpi.tok_emb(IDX))
+    assert not torch.allclose(stream[..., :d], stream[..., d:], atol=1e-3)
+    assert torch.allclose(copies[..., :d], copies[..., d:], atol=1e-6)
 
 
 def test_width_growth_refuses_what_it_cannot_preserve():
@@ -152,6 +162,9 @@ def test_run_growth_repeats_exactly_and_spends_the_budget():
     b = run_growth(0, profile, operator="zero_depth", **settings)
     assert a.history == b.history
     assert a.history["phase"][0] == "small" and a.history["phase"][-1] == "target"
+    small_steps = max(st for st, ph in zip(a.history["step"], a.history["phase"]) if ph == "small")
+    target_steps = a.history["step"][-1]
+    assert a.history["tokens"][-1] == (small_steps + target_steps) * 4 * 16  # batch 4 x 16 characters
     assert abs(a.history["flops"][-1] - a.budget_flops) / a.budget_flops < 0.2  # to a step of 8
     assert a.loss_at_growth == pytest.approx(a.loss_small, abs=1e-5)  # zero-init: no jump
     scratch = run_growth(0, profile, operator="scratch", **settings)
