@@ -30,7 +30,7 @@ from .training import RunResult, RunSettings, train
 # %% auto #0
 __all__ = ['OPERATORS', 'stack_depth', 'zero_depth', 'width_maps', 'widen', 'fpi_width', 'aki_width', 'linear_cka',
            'layer_similarity', 'ema', 'flops_to_reach', 'compute_ratio', 'GrowthRun', 'GrowthResult',
-           'validation_blocks', 'run_growth']
+           'validation_blocks', 'bigram_loss', 'run_growth']
 
 # %% ../nbs/51_model_growth.ipynb #41701913
 def _check_depth(small: GPT, n_layers: int) -> int:
@@ -78,39 +78,36 @@ def zero_depth(small: GPT, n_layers: int) -> GPT:
 def width_maps(cfg: TransformerConfig, factor: int = 2) -> dict:
     """For a model of cfg's shape widened `factor` times: for each wide unit, the narrow unit it copies
     ('resid', 'head', 'hidden') and whether it is a new copy ('new_resid', 'new_head', 'new_hidden')."""
-    d, hd, hidden = cfg.d_model, cfg.head_dim, cfg.mlp_ratio * cfg.d_model
+    d, hidden = cfg.d_model, cfg.mlp_ratio * cfg.d_model
     j = torch.arange(factor * d)
-    within = j % (factor * hd)  # position inside the (widened) head
     h = torch.arange(factor * hidden)
     return {
         "resid": j % d,
         "new_resid": j >= d,
-        "head": (j // (factor * hd)) * hd + within % hd,
-        "new_head": within >= hd,
+        # the attention's dimensions, head after head: heads H..2H-1 of the wide model copy heads 0..H-1
+        "head": j % d,
+        "new_head": j >= d,
         "hidden": h % hidden,
         "new_hidden": h >= hidden,
     }
 
 # %% ../nbs/51_model_growth.ipynb #fb466848
 def widen(small: GPT, factor: int = 2, next_layer: bool = False) -> GPT:
-    """A GPT `factor` times wider than `small` (same layers and heads, wider heads): every unit copied
+    """A GPT `factor` times wider than `small` (same layers, `factor` times the heads): every unit copied
     (FPI, the same function) or, with next_layer=True, the new units filled from the next layer (AKI)."""
     cfg = small.cfg
-    if cfg.norm != "pre" or cfg.bias or not cfg.tie_weights or cfg.pos == "rotary":
+    if cfg.norm != "pre" or cfg.bias or not cfg.tie_weights:
         raise PretrainNbError(
-            "widen supports the GPT this notebook grows: Pre-LN, no biases, tied embeddings, learned or no "
-            "positions."
+            "widen supports the GPT this notebook grows: Pre-LN, no biases, tied embeddings."
         )
     if factor < 1:
         raise PretrainNbError(f"The width factor must be a positive integer, not {factor}.")
-    big = GPT(dataclasses.replace(cfg, d_model=factor * cfg.d_model))
+    big = GPT(dataclasses.replace(cfg, d_model=factor * cfg.d_model, n_heads=factor * cfg.n_heads))
     m = width_maps(cfg, factor)
     d = cfg.d_model
-    qkv_rows = torch.cat([m["head"] + k * d for k in range(3)])
+    qkv_rows = torch.cat([m["head"] + k * d for k in range(3)])  # queries, keys, values
     new_qkv = m["new_head"].repeat(3)
-    query_scale = torch.ones(3 * factor * d, 1)
-    query_scale[: factor * d] = 1 / math.sqrt(factor)  # keeps q.k / sqrt(head width) as it was
-    s = small.state_dict()
+    s = {k: v.cpu() for k, v in small.state_dict().items()}
 
     def grown(name: str, layer: int, rows, cols, new_rows) -> torch.Tensor:
         "FPI's expansion of block `layer`'s weight; with AKI, its new units' rows from the next block's."
@@ -132,7 +129,7 @@ def widen(small: GPT, factor: int = 2, next_layer: bool = False) -> GPT:
         p = f"trunk.blocks.{layer}."
         state[p + "ln1.weight"] = grown("ln1.weight", layer, resid, None, new_resid)
         state[p + "ln2.weight"] = grown("ln2.weight", layer, resid, None, new_resid)
-        state[p + "attn.qkv.weight"] = grown("attn.qkv.weight", layer, qkv_rows, resid, new_qkv) * query_scale
+        state[p + "attn.qkv.weight"] = grown("attn.qkv.weight", layer, qkv_rows, resid, new_qkv)
         state[p + "attn.proj.weight"] = grown("attn.proj.weight", layer, resid, m["head"], new_resid)
         state[p + "mlp.fc.weight"] = grown("mlp.fc.weight", layer, m["hidden"], resid, m["new_hidden"])
         state[p + "mlp.proj.weight"] = grown("mlp.proj.weight", layer, resid, m["hidden"], new_resid)
@@ -164,6 +161,7 @@ def layer_similarity(model: GPT, idx: torch.Tensor) -> np.ndarray:
     """Linear CKA between what every pair of blocks adds to the stream (output - input), on tokens idx: an
     (L, L) matrix; NaN for a block that adds nothing."""
     updates = []
+    idx = idx.to(next(model.parameters()).device)
     hooks = [
         b.register_forward_hook(lambda m, args, out: updates.append((out - args[0]).flatten(0, 1)))
         for b in model.trunk.blocks
@@ -224,7 +222,7 @@ class GrowthRun(RunSettings, TransformerSettings):
 
     n_layers: int = 8
     d_model: int = 64
-    n_heads: int = 4
+    n_heads: int = 8  # of width 8: the width operators start from 4 heads and copy them
     steps: int = 1000  # the scratch arm's steps: the FLOP budget every arm spends
     batch_size: int = 16
     lr: float = 2e-3
@@ -256,12 +254,13 @@ class GrowthRun(RunSettings, TransformerSettings):
                     f"n_layers {self.n_layers} is not a multiple of depth_factor {self.depth_factor}."
                 )
             return dataclasses.replace(cfg, n_layers=self.n_layers // self.depth_factor)
-        if self.d_model % (self.width_factor * self.n_heads):
+        if self.n_heads % self.width_factor or self.d_model % self.width_factor:
             raise PretrainNbError(
-                f"d_model {self.d_model} must split into {self.n_heads} heads at 1/{self.width_factor} "
-                "of the width."
+                f"Width growth by {self.width_factor} needs d_model ({self.d_model}) and n_heads "
+                f"({self.n_heads}) divisible by it: the small model has 1/{self.width_factor} of both."
             )
-        return dataclasses.replace(cfg, d_model=self.d_model // self.width_factor)
+        f = self.width_factor
+        return dataclasses.replace(cfg, d_model=self.d_model // f, n_heads=self.n_heads // f)
 
     def tokens_per_step(self) -> int:
         return self.batch_size * self.block_size
@@ -312,6 +311,15 @@ def validation_blocks(data: dict, n: int, seed: int = 1234) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return data["validation"][torch.randperm(len(data["validation"]), generator=generator)[:n]]
 
+# %% ../nbs/51_model_growth.ipynb #923b9cf9
+def bigram_loss(train: torch.Tensor, val: torch.Tensor, vocab_size: int, smoothing: float = 0.1) -> float:
+    """Validation loss (nats per token) of a bigram model counted on the training blocks, with `smoothing`
+    added to every count; pairs are taken within blocks, as a GPT sees them."""
+    pairs = (train[:, :-1] * vocab_size + train[:, 1:]).flatten()
+    counts = torch.bincount(pairs, minlength=vocab_size * vocab_size).double().view(vocab_size, vocab_size)
+    log_p = (counts + smoothing).log() - (counts + smoothing).sum(1, keepdim=True).log()
+    return -log_p[val[:, :-1], val[:, 1:]].mean().item()
+
 # %% ../nbs/51_model_growth.ipynb #35e5c0f6
 def run_growth(seed: int, profile, **settings) -> GrowthResult:
     """Train one arm of the growth comparison that `settings` (GrowthRun fields) describe, from `seed`:
@@ -328,7 +336,7 @@ def run_growth(seed: int, profile, **settings) -> GrowthResult:
         was_training = m.training
         m.eval()
         with torch.no_grad():
-            loss = lm_loss(m, val).item()
+            loss = lm_loss(m, val.to(next(m.parameters()).device)).item()
         m.train(was_training)
         return loss
 

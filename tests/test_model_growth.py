@@ -111,10 +111,16 @@ def test_fpi_duplicates_every_unit_and_aki_takes_new_units_from_the_next_layer()
     assert torch.allclose(copies[..., :d], copies[..., d:], atol=1e-6)
 
 
-def test_width_growth_refuses_what_it_cannot_preserve():
-    cfg = TransformerConfig(vocab_size=11, block_size=8, d_model=8, n_layers=1, n_heads=2, pos="rotary")
+def test_width_growth_copies_heads_so_rotary_positions_survive_and_refuses_post_ln():
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=23, block_size=12, d_model=8, n_layers=2, n_heads=2, pos="rotary")
+    small = GPT(cfg).eval()
+    wide = fpi_width(small).eval()
+    assert wide.cfg.n_heads == 4 and wide.cfg.head_dim == cfg.head_dim  # new heads, not wider ones
+    with torch.no_grad():
+        assert torch.allclose(wide(IDX), small(IDX), atol=1e-5)
     with pytest.raises(PretrainNbError, match="Pre-LN"):
-        fpi_width(GPT(cfg))
+        fpi_width(GPT(dataclasses.replace(cfg, norm="post")))
     with pytest.raises(PretrainNbError, match="Pre-LN"):
         zero_depth(GPT(dataclasses.replace(cfg, norm="post", pos="learned")), 2)
 
@@ -145,7 +151,8 @@ def test_growth_run_matches_the_scratch_budget_and_knows_its_operators():
         budget = run.budget_flops(65)
         assert abs(small + grown - budget) <= run.tokens_per_step() * flops_per_token(run.target_config(65))
     assert GrowthRun(operator="stack").small_config(65).n_layers == 2
-    assert GrowthRun(operator="aki_width").small_config(65).d_model == 32
+    narrow = GrowthRun(operator="aki_width").small_config(65)
+    assert narrow.d_model == 32 and narrow.n_heads == 4 and narrow.head_dim == 8
     with pytest.raises(PretrainNbError, match="valid operators"):
         GrowthRun(operator="grow")
     with pytest.raises(PretrainNbError, match="whole budget"):
