@@ -340,7 +340,19 @@ def run_growth(seed: int, profile, **settings) -> GrowthResult:
         m.train(was_training)
         return loss
 
-    def train_phase(model, steps, phase_seed, flops_before, phase):
+    history = {k: [] for k in ("step", "phase", "flops", "tokens", "val_loss")}
+    spent = {"flops": 0.0, "tokens": 0}  # what the run has trained on before the current phase
+    seconds = {}
+
+    def evaluate_first(model, phase) -> float:
+        "Record the loss of `model` before the first step of `phase` (at what the run has spent so far)."
+        loss = val_loss(model)
+        for k, v in zip(history, [0, phase, spent["flops"], spent["tokens"], loss]):
+            history[k].append(v)
+        return loss
+
+    def train_phase(model, steps, phase_seed, phase):
+        "Train `model` for `steps`, recording its evaluations at the run's cumulative FLOPs and tokens."
         per_step = training_flops([(model.cfg, tokens)])
         start = time.perf_counter()
         hist = train(
@@ -351,58 +363,34 @@ def run_growth(seed: int, profile, **settings) -> GrowthResult:
             eval_fn=lambda m: {"val_loss": val_loss(m)},
             accelerator=accelerator,
         )
-        seconds = time.perf_counter() - start
-        rows = {
-            "step": hist.step.tolist(),
-            "phase": [phase] * len(hist),
-            "flops": (flops_before + hist.step * per_step).tolist(),
-            "tokens": (tokens_before[0] + hist.step * tokens).tolist(),
-            "val_loss": hist.val_loss.tolist(),
-        }
-        tokens_before[0] += steps * tokens
-        return rows, seconds, flops_before + steps * per_step
+        seconds[phase] = time.perf_counter() - start
+        history["step"] += hist.step.tolist()
+        history["phase"] += [phase] * len(hist)
+        history["flops"] += (spent["flops"] + hist.step * per_step).tolist()
+        history["tokens"] += (spent["tokens"] + hist.step * tokens).tolist()
+        history["val_loss"] += hist.val_loss.tolist()
+        spent["flops"] += steps * per_step
+        spent["tokens"] += steps * tokens
 
-    tokens_before = [0]  # tokens trained on before the current phase (a list: the closure updates it)
     seed_everything(seed)
-    history = {"step": [], "phase": [], "flops": [], "tokens": [], "val_loss": []}
-    seconds, flops = {}, 0.0
-    loss_small = loss_at_growth = loss_preserving = similarity_at_growth = None
+    loss_small = loss_preserving = similarity_at_growth = None
     if run.operator == "scratch":
         model = GPT(run.target_config(V))
-        history |= {
-            "step": [0],
-            "phase": ["target"],
-            "flops": [0.0],
-            "tokens": [0],
-            "val_loss": [val_loss(model)],
-        }
     else:
         small = GPT(run.small_config(V))
-        history |= {
-            "step": [0],
-            "phase": ["small"],
-            "flops": [0.0],
-            "tokens": [0],
-            "val_loss": [val_loss(small)],
-        }
-        rows, seconds["small"], flops = train_phase(small, run.small_steps, seed, 0.0, "small")
-        for k in history:
-            history[k] += rows[k]
+        evaluate_first(small, "small")
+        train_phase(small, run.small_steps, seed, "small")
         grow = OPERATORS[run.operator]
         preserving = zero_depth if run.operator in ("stack", "zero_depth") else fpi_width
-        if grow in (stack_depth, zero_depth):
-            model, check = grow(small, run.n_layers), preserving(small, run.n_layers)
-        else:
-            model, check = grow(small, run.width_factor), preserving(small, run.width_factor)
-        loss_small, loss_at_growth, loss_preserving = val_loss(small), val_loss(model), val_loss(check)
+        size = run.n_layers if grow in (stack_depth, zero_depth) else run.width_factor
+        model, check = grow(small, size), preserving(small, size)
+        loss_small, loss_preserving = val_loss(small), val_loss(check)
         similarity_at_growth = layer_similarity(model.eval(), similarity_blocks).tolist()
         model.train()
-        at_growth = [0, "target", flops, tokens_before[0], loss_at_growth]
-        history = {k: v + [x] for (k, v), x in zip(history.items(), at_growth)}
+    at_start = evaluate_first(model, "target")
+    loss_at_growth = None if run.operator == "scratch" else at_start
     # a fresh data order for the target phase: the small model's batches are not replayed in order
-    rows, seconds["target"], flops = train_phase(model, run.grown_steps(V), seed + 10_000, flops, "target")
-    for k in history:
-        history[k] += rows[k]
+    train_phase(model, run.grown_steps(V), seed + 10_000, "target")
     model.eval()
     return GrowthResult(
         run=run,
