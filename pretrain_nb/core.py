@@ -249,10 +249,12 @@ def map_calls(calls: Sequence[tuple[Callable, dict]] | Mapping[Any, tuple[Callab
     calls = list(calls)
     workers = min(profile.parallel_runs, len(calls))
     local = [fn for fn, _ in calls if getattr(fn, "__module__", None) == "__main__"]
+    # an argument of a class the notebook defined cannot be unpickled there either (the process would die)
+    local += [type(v) for _, kw in calls for v in kw.values() if type(v).__module__ == "__main__"]
     if workers > 1 and local:  # a notebook's own definition: the fresh processes cannot import it
         raise PretrainNbError(
             f"map_runs runs {getattr(local[0], '__name__', local[0])!r} in fresh processes, "
-            "which can only import functions from a module; import it from pretrain_nb "
+            "which can only import functions and classes from a module; import it from pretrain_nb "
             "(e.g. from pretrain_nb.<module> import ...) instead of passing the notebook's definition."
         )
     if workers <= 1 or (profile.device != "cpu" and torch.cuda.is_available()):

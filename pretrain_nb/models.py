@@ -21,10 +21,10 @@ from .core import PretrainNbError, one_of
 # %% auto #0
 __all__ = ['NORM_PLACEMENTS', 'BLOCK_NORMS', 'POSITIONS', 'VIT_POSITIONS', 'VIT_POOLS', 'GPT_SIZES', 'TransformerConfig',
            'attention_mask', 'rotary_tables', 'apply_rotary', 'SelfAttention', 'MLP', 'block_norms', 'Block',
-           'TransformerStack', 'init_weights', 'GPT', 'causal_lm_loss', 'lm_loss', 'Encoder', 'MLMHead', 'MaskedLM',
-           'patchify', 'unpatchify', 'sincos_positions_2d', 'random_masking', 'gather_tokens', 'PatchPositions', 'ViT',
-           'EncoderClassifier', 'count_parameters', 'matmul_parameters', 'flops_per_token', 'vit_flops_per_image',
-           'training_flops', 'TransformerSettings', 'ViTSettings']
+           'TransformerStack', 'init_weights', 'GPT', 'causal_lm_loss', 'lm_loss', 'masked_lm_loss', 'Encoder',
+           'MLMHead', 'MaskedLM', 'patchify', 'unpatchify', 'sincos_positions_2d', 'random_masking', 'gather_tokens',
+           'PatchPositions', 'ViT', 'EncoderClassifier', 'count_parameters', 'matmul_parameters', 'flops_per_token',
+           'vit_flops_per_image', 'training_flops', 'TransformerSettings', 'ViTSettings']
 
 # %% ../nbs/02_models.ipynb #9a310830
 NORM_PLACEMENTS = ("pre", "post", "peri", "mix")  # per model; "mix" combines post and pre blocks
@@ -269,6 +269,15 @@ def causal_lm_loss(logits: torch.Tensor, idx: torch.Tensor, ignore_index: int = 
 def lm_loss(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     "The next-token loss of a GPT on token blocks: the `loss_fn(model, batch)` that `training.train` expects."
     return causal_lm_loss(model(idx), idx)
+
+# %% ../nbs/02_models.ipynb #e5ade60e
+def masked_lm_loss(model: nn.Module, batch: tuple) -> torch.Tensor:
+    """The next-token loss on the tokens a mask marks as targets: batch = (idx, mask), both (B, T), mask
+    True where the token is to be predicted from its prefix. The `loss_fn` for `training.train`."""
+    idx, mask = batch
+    if not mask[:, 1:].any():
+        raise PretrainNbError("The loss mask marks no target after the first position of any row.")
+    return causal_lm_loss(model(idx), idx.masked_fill(~mask, -100))
 
 # %% ../nbs/02_models.ipynb #c8319a76
 class Encoder(nn.Module):
