@@ -8,9 +8,10 @@ Source: `nbs/60_knowledge.ipynb`."""
 # %% auto #0
 __all__ = ['ATTRIBUTES', 'MONTHS', 'SYLLABLES', 'BIO_TEMPLATES', 'QA_TEMPLATES', 'ROLES', 'ARMS', 'PAD', 'pseudo_words', 'World',
            'make_world', 'biography', 'question', 'groups', 'question_roles', 'removed_people', 'biographies',
-           'vocabulary', 'encode', 'questions', 'argmax_predictions', 'exact_match', 'attribute_recall',
-           'hidden_states', 'probe_accuracy', 'answer_predictions', 'KnowledgeRun', 'KnowledgeResult', 'run_knowledge',
-           'question_frame', 'majority_guess', 'count_slope', 'summarize', 'diff_in_diff']
+           'vocabulary', 'encode', 'questions', 'pretraining_corpus', 'argmax_predictions', 'exact_match',
+           'attribute_recall', 'hidden_states', 'probe_accuracy', 'answer_predictions', 'KnowledgeRun',
+           'KnowledgeResult', 'run_knowledge', 'question_frame', 'majority_guess', 'count_slope', 'summarize',
+           'diff_in_diff']
 
 # %% ../nbs/60_knowledge.ipynb #f81bda5e
 import dataclasses
@@ -184,12 +185,14 @@ def biographies(world: World, arm: str, seed: int, multiplicities=(1, 2, 4, 8)) 
     "(rows of (words, tags), the person each row is about) of an arm's biographies, before epochs."
     if arm not in ARMS:
         raise PretrainNbError(f"Unknown arm {arm!r}; the arms are: {', '.join(ARMS)}.")
-    rng = random.Random(seed)
     n = len(world.people)
     counts = np.ones(n, dtype=int) if arm == "single" else groups(n, multiplicities).copy()
     if arm == "removed":
         counts[removed_people(n, seed, multiplicities)] = 1
-    rows = [biography(world, i, rng, augmented=arm != "single") for i in range(n) for _ in range(counts[i])]
+    rows = []
+    for i in range(n):  # a generator per person: cutting one person's biographies changes no one else's
+        rng = random.Random(f"{seed}/{i}")
+        rows += [biography(world, i, rng, augmented=arm != "single") for _ in range(counts[i])]
     owner = np.repeat(np.arange(n), counts)
     return rows, owner
 
@@ -224,6 +227,24 @@ def questions(world: World) -> tuple:
     person = np.repeat(np.arange(len(world.people)), len(ATTRIBUTES))
     attribute = np.tile(np.arange(len(ATTRIBUTES)), len(world.people))
     return rows, person, attribute
+
+# %% ../nbs/60_knowledge.ipynb #cb6785c6
+def pretraining_corpus(
+    world: World, vocab: dict, arm: str, seed: int, width: int, multiplicities=(1, 2, 4, 8)
+):
+    """(ids, targets, person, tags) of every pre-training row of an arm: targets marks what the loss reads,
+    person whom the row is about, tags the attribute of each biography token (-1 elsewhere)."""
+    rows, owner = biographies(world, arm, seed, multiplicities)
+    ids, tags = encode(rows, vocab, width)
+    targets, person = ids != 0, owner
+    if arm == "mixed":
+        q_rows, q_person, _ = questions(world)
+        train = question_roles(len(world.people), len(multiplicities))[q_person] == "train"
+        q_ids, q_marks = encode([r for r, keep in zip(q_rows, train) if keep], vocab, width)
+        ids, tags = torch.cat([ids, q_ids]), torch.cat([tags, torch.full_like(q_ids, -1)])
+        targets = torch.cat([targets, q_marks == 1])
+        person = np.concatenate([owner, q_person[train]])
+    return ids, targets, person, tags
 
 # %% ../nbs/60_knowledge.ipynb #183a1b4c
 @torch.no_grad()
@@ -293,7 +314,8 @@ def answer_predictions(model, ids: torch.Tensor, marks: torch.Tensor, k: int = 5
         top_ids.append(top.indices)
         top_probs.append(top.values)
     predicted = torch.cat(predicted)
-    answers = [predicted[r, (marks[r] == 1).roll(-1)].tolist() for r in range(len(ids))]
+    at_answer = (marks == 1).roll(-1, dims=1)  # the positions that predict an answer token
+    answers = [a.tolist() for a in predicted[at_answer].split(at_answer.sum(1).tolist())]
     return answers, torch.cat(top_ids), torch.cat(top_probs)
 
 # %% ../nbs/60_knowledge.ipynb #6793ca7f
@@ -317,6 +339,13 @@ class KnowledgeRun:
     qa_eval_every: int = 25
     probe_layers: bool = True
     probe_classes: int = 2  # the P-probe predicts the value's index modulo this
+
+    def __post_init__(self):
+        if self.qa_steps % self.qa_eval_every:
+            raise PretrainNbError(
+                f"qa_steps ({self.qa_steps}) must be a multiple of qa_eval_every ({self.qa_eval_every}), so "
+                "that every evaluation of fine-tuning falls on a step it names."
+            )
 
     def epochs_of(self, arm: str) -> int:
         "How many times the arm reads each of its rows."
@@ -342,6 +371,7 @@ class KnowledgeResult:
     qa_step: int  # the QA fine-tuning step the val people chose
     probes: np.ndarray  # (blocks + 1, attributes) P-probe accuracy on the test people
     answer_probes: np.ndarray  # the same probe before the answer of the question (positive control)
+    probe_baseline: np.ndarray  # (attributes,) the probe's majority class (of the fitted people) on the test
     answers: dict  # "before"/"after": (answer ids per question, top-5 ids, top-5 probabilities)
     seconds: dict  # wall time per phase
 
@@ -380,19 +410,11 @@ def run_knowledge(arm: str, seed: int, spec: KnowledgeRun = KnowledgeRun(), prof
     start = time.time()
     world = make_world(spec.n_people, seed, spec.value_counts)
     vocab = vocabulary(world)
-    rows, owner = biographies(world, arm, seed, spec.multiplicities)
-    bio_ids, bio_tags = encode(rows, vocab, spec.width)
+    ids, mask, owner, tags = pretraining_corpus(world, vocab, arm, seed, spec.width, spec.multiplicities)
     q_rows, q_person, q_attribute = questions(world)
     q_ids, q_marks = encode(q_rows, vocab, max(len(w) for w, _ in q_rows))
     role = question_roles(spec.n_people, len(spec.multiplicities))[q_person]
     split = {k: (q_ids[role == k], q_marks[role == k]) for k in ROLES}
-    ids, mask = bio_ids, bio_ids != 0
-    if arm == "mixed":  # the train people's questions join the corpus, padded to the biographies' width
-        padded = torch.zeros(len(split["train"][0]), spec.width, dtype=torch.long)
-        padded[:, : q_ids.shape[1]] = split["train"][0]
-        answer = torch.zeros_like(padded, dtype=torch.bool)
-        answer[:, : q_ids.shape[1]] = split["train"][1] == 1
-        ids, mask = torch.cat([ids, padded]), torch.cat([mask, answer])
     epochs = spec.epochs_of(arm)
     steps = -(-len(ids) * epochs // spec.batch_size)
     seed_everything(seed)
@@ -402,11 +424,13 @@ def run_knowledge(arm: str, seed: int, spec: KnowledgeRun = KnowledgeRun(), prof
     train(model, masked_lm_loss, (ids, mask), cfg)
     model.eval()
     pretrained = time.time()
-    first = np.searchsorted(owner, np.arange(spec.n_people))  # each person's first biography
-    recall = attribute_recall(model, bio_ids[first], bio_tags[first], len(ATTRIBUTES)).numpy()
+    is_biography = (tags >= 0).any(1).numpy()
+    first = np.unique(owner, return_index=True)[1]  # each person's first row, a biography (they come first)
+    recall = attribute_recall(model, ids[first], tags[first], len(ATTRIBUTES)).numpy()
     correct_before = exact_match(model, q_ids, q_marks).numpy()
     before = answer_predictions(model, q_ids, q_marks)
     probes = answer_probes = np.zeros((0, len(ATTRIBUTES)))
+    probe_baseline = np.zeros(len(ATTRIBUTES))
     if spec.probe_layers:
         names = [[vocab[p[k]] for k in ("first", "middle", "last")] for p in world.people]
         states = hidden_states(model, torch.tensor(names)).numpy()
@@ -423,6 +447,7 @@ def run_knowledge(arm: str, seed: int, spec: KnowledgeRun = KnowledgeRun(), prof
         # last token before the answer of each person's question about the attribute
         before_answer = (q_marks == 1).int().argmax(1) - 1
         answer_states = hidden_states(model, q_ids, before_answer).numpy()
+        probe_baseline = np.array([np.mean(y[test] == np.bincount(y[fit]).argmax()) for y in labels])
         answer_probes = np.array(
             [[probe_accuracy(s[q_attribute == a][fit], y[fit], s[q_attribute == a][test], y[test])
               for a, y in enumerate(labels)] for s in answer_states]
@@ -435,13 +460,13 @@ def run_knowledge(arm: str, seed: int, spec: KnowledgeRun = KnowledgeRun(), prof
         curve, qa_step = _qa_finetune(model, train_qa, split, spec, seed)
     correct = exact_match(model, q_ids, q_marks).numpy()
     after = answer_predictions(model, q_ids, q_marks)
-    exposures = np.bincount(owner, minlength=spec.n_people) * epochs
+    exposures = np.bincount(owner[is_biography], minlength=spec.n_people) * epochs
     seconds = dict(
         pretrain=pretrained - start, measure=measured - pretrained, finetune=time.time() - measured
     )
     answers = {"before": before, "after": after}
     return KnowledgeResult(arm, seed, steps, exposures, recall, correct_before, correct, curve, qa_step,
-                           probes, answer_probes, answers, seconds)  # fmt: skip
+                           probes, answer_probes, probe_baseline, answers, seconds)  # fmt: skip
 
 # %% ../nbs/60_knowledge.ipynb #72147f8f
 def question_frame(spec: KnowledgeRun, seed: int):
@@ -496,6 +521,9 @@ def summarize(result: KnowledgeResult, spec: KnowledgeRun) -> dict:
     row |= {role: acc((q.role == role).to_numpy()) for role in ROLES}
     # the fine-tuned people's accuracy at the end of fine-tuning: whether the fine-tuning could fit at all
     row["train_end"] = result.qa_curve[-1][1] if result.qa_curve else row["train"]
+    # the test people at the end of fine-tuning, and at its best step (a reading that peeks at the test)
+    row["test_end"] = result.qa_curve[-1][3] if result.qa_curve else row["test"]
+    row["test_best"] = max(t for *_, t in result.qa_curve) if result.qa_curve else row["test"]
     by_c = {c: acc(test & (q.c == c).to_numpy()) for c in spec.multiplicities}
     row |= {f"test c={c}": v for c, v in by_c.items()}
     row |= dict(treated=acc(test & q.treated.to_numpy()), control=acc(test & top & ~q.treated.to_numpy()))

@@ -23,6 +23,7 @@ from pretrain_nb.knowledge import (
     exact_match,
     groups,
     make_world,
+    pretraining_corpus,
     majority_guess,
     hidden_states,
     probe_accuracy,
@@ -195,15 +196,55 @@ def test_probe_reads_only_what_is_written():
     assert probe_accuracy(noise[:150], y[:150], noise[150:], y[150:]) < 0.65
 
 
+def test_a_run_records_its_probe_baseline():
+    result = run_knowledge("single", 2, TINY)
+    assert (
+        result.probe_baseline.shape == (6,)
+        and ((0 < result.probe_baseline) & (result.probe_baseline <= 1)).all()
+    )
+    assert result.answer_probes.shape == result.probes.shape
+
+
 def test_count_slope_and_difference_in_differences():
     assert abs(count_slope({1: 0.2, 2: 0.3, 4: 0.4, 8: 0.5}) - 0.1) < 1e-9
     assert count_slope({1: 0.5, 2: 0.4, 4: 0.3, 8: 0.2}) < 0
     assert abs(diff_in_diff({"treated": 0.6, "control": 0.6}, {"treated": 0.2, "control": 0.5}) - 0.3) < 1e-12
 
 
-def test_majority_guess_is_a_share_of_the_test_questions():
-    guess = majority_guess(TINY, seed=0)
-    assert 0 <= guess < 0.2
+def test_majority_guess_answers_what_everyone_shares():
+    assert 0 <= majority_guess(TINY, seed=0) < 0.2
+    # one city, university, major and employer for everyone: five of six attributes are guessed right, and
+    # a birth date (month, day and year together) almost never
+    shared = KnowledgeRun(n_people=40, value_counts=(1, 1, 1, 1))
+    assert 5 / 6 <= majority_guess(shared, seed=0) < 5 / 6 + 0.03
+
+
+def test_the_causal_arm_changes_only_the_treated_peoples_documents(world):
+    n = len(world.people)
+    treated = removed_people(n, seed=4)
+    rows, owner = biographies(world, "augmented", 4)
+    cut, cut_owner = biographies(world, "removed", 4)
+    for i in range(n):
+        before = [rows[k] for k in np.flatnonzero(owner == i)]
+        after = [cut[k] for k in np.flatnonzero(cut_owner == i)]
+        assert after == (before[:1] if treated[i] else before)
+
+
+def test_only_the_train_peoples_questions_join_the_mixed_corpus(world):
+    vocab = vocabulary(world)
+    n = len(world.people)
+    ids, targets, person, tags = pretraining_corpus(world, vocab, "mixed", 0, 64)
+    bio_ids, bio_targets, bio_person, _ = pretraining_corpus(world, vocab, "augmented", 0, 64)
+    k = len(bio_ids)
+    assert torch.equal(ids[:k], bio_ids) and torch.equal(targets[:k], bio_targets)
+    assert (question_roles(n)[person[k:]] == "train").all()
+    assert len(person) - k == 6 * (question_roles(n) == "train").sum()
+    assert (tags[k:] == -1).all() and (targets[k:].sum(1) <= 4).all()  # only answer tokens are targets
+
+
+def test_fine_tuning_evaluations_fall_on_named_steps():
+    with pytest.raises(PretrainNbError, match="multiple of qa_eval_every"):
+        KnowledgeRun(qa_steps=30, qa_eval_every=25)
 
 
 @pytest.mark.parametrize("arm", ARMS)
