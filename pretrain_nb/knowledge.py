@@ -402,11 +402,8 @@ def _qa_finetune(model, data, splits: dict, spec: KnowledgeRun, seed: int) -> tu
 
 # %% ../nbs/60_knowledge.ipynb #988b1451
 def run_knowledge(arm: str, seed: int, spec: KnowledgeRun = KnowledgeRun(), profile=None) -> KnowledgeResult:
-    "Pre-train one arm on its biographies, measure, fine-tune on the train people's questions, measure."
-    if arm not in ARMS:
-        raise PretrainNbError(f"Unknown arm {arm!r}; the arms are: {', '.join(ARMS)}.")
-    if profile is not None and profile.cpu_threads:
-        torch.set_num_threads(max(1, profile.cpu_threads // max(1, profile.parallel_runs)))
+    """Pre-train one arm on its biographies, measure, fine-tune on the train people's questions, measure.
+    `profile` is what `map_runs` passes; its pool has already given this process its share of the cores."""
     start = time.time()
     world = make_world(spec.n_people, seed, spec.value_counts)
     vocab = vocabulary(world)
