@@ -64,8 +64,9 @@ def test_list_groups_the_notebooks_by_part():
     out = cli("list").stdout
     parts = [line for line in out.splitlines() if line[:2] in {f"{d}x" for d in range(10)}]
     assert parts[0] == "0x foundations" and parts[1] == "1x vision self-supervised"
-    assert "7x adaptation (no notebook yet)" in parts
+    assert "8x beyond text and images (no notebook yet)" in parts
     assert out.index("6x science") < out.index("60_knowledge") < out.index("7x adaptation")
+    assert out.index("7x adaptation") < out.index("70_task_vectors") < out.index("8x beyond")
     assert out.index("1x vision") < out.index("10_mim_mae") < out.index("2x language")
     assert out.index("5x architecture") < out.index("50_layernorm")
 
