@@ -10,8 +10,8 @@ __all__ = ['TASKS', 'COARSE_GROUPS', 'BLOCK_NAME', 'transform_images', 'task_lab
            'encoder_params', 'pooled_features', 'fit_head', 'predictions', 'accuracy', 'flatten_params',
            'unflatten_params', 'task_vector', 'apply_task_vectors', 'block_depth', 'element_groups', 'lines_scales',
            'multitask_alpha', 'AnisotropicMerge', 'learn_coefficients', 'disentanglement_error', 'HeadOnEncoder',
-           'finetune_encoder', 'TaskVectorRun', 'MergingResult', 'zero_shot_floor', 'choose_on_grid',
-           'edit_single_task', 'disentanglement_map', 'run_merging']
+           'finetune_encoder', 'TaskVectorRun', 'MergingResult', 'accuracy_floor', 'choose_on_grid', 'edit_single_task',
+           'disentanglement_map', 'run_merging']
 
 # %% ../nbs/70_task_vectors.ipynb #1b2ccac1
 import dataclasses
@@ -415,9 +415,9 @@ def _normalized(accs, reference) -> float:
     return float(np.mean(np.asarray(accs) / np.asarray(reference)))
 
 
-def zero_shot_floor(zero_shot: float, n_classes: int = 10, floor: float = 0.05) -> float:
-    "A zero-shot accuracy to normalize by: at least chance + `floor`, so a head at chance cannot blow it up."
-    return max(zero_shot, 1 / n_classes + floor)
+def accuracy_floor(value: float, n_classes: int = 10, floor: float = 0.05) -> float:
+    "An accuracy to normalize by: at least chance + `floor`, so a reference at chance cannot blow a ratio up."
+    return max(float(value), 1 / n_classes + floor)
 
 # %% ../nbs/70_task_vectors.ipynb #35099128
 def choose_on_grid(evaluate, values, coefficients, reference) -> tuple[float, list, list]:
@@ -496,7 +496,9 @@ def run_merging(seed: int, profile, encoder_state: dict, **settings) -> MergingR
     evaluate = lambda params, sets: [accuracy(encoder, params, h, s) for h, s in zip(heads, sets)]
     zero_select, zero_test = evaluate(theta0, select), evaluate(theta0, test)
     zero_shot = {t: {"select": v, "test": s} for t, v, s in zip(tasks, zero_select, zero_test)}
-    floor = lambda accs: [zero_shot_floor(a, n_classes(t), run.chance_floor) for a, t in zip(accs, tasks)]
+    # every accuracy that normalizes another is floored at chance + chance_floor: a reference at chance
+    # (a tiny run, a task not learned) cannot blow a ratio up
+    floor = lambda accs: [accuracy_floor(a, n_classes(t), run.chance_floor) for a, t in zip(accs, tasks)]
 
     # 2. fine-tune each task through its frozen head; task vectors
     accelerator = make_accelerator(profile)
@@ -507,7 +509,7 @@ def run_merging(seed: int, profile, encoder_state: dict, **settings) -> MergingR
         )
         vectors.append(task_vector(theta_k, theta0))
         ft_select[k], ft_test[k] = evaluate(theta_k, select), evaluate(theta_k, test)
-    own_select, own_test = np.diag(ft_select).tolist(), np.diag(ft_test).tolist()
+    own_select, own_test = floor(np.diag(ft_select)), floor(np.diag(ft_test))
     edit = lambda coefficients, sets: evaluate(apply_task_vectors(theta0, vectors, coefficients), sets)
     depth_scales = lambda a, b: lines_scales(theta0, run.n_layers, a, b)
 
@@ -597,7 +599,7 @@ def run_merging(seed: int, profile, encoder_state: dict, **settings) -> MergingR
             "vectors": [v.float() for v in vectors],
             "heads": [h.state_dict() for h in heads],
             "select": select,
-            "own_select": own_select,
+            "own_select": np.diag(ft_select).tolist(),
         },  # fmt: skip
         seconds=time.perf_counter() - start,
     )
