@@ -16,7 +16,8 @@ from pretrain_nb.task_vectors import (
     accuracy,
     apply_task_vectors,
     block_depth,
-    disentanglement_error,
+    depth_level,
+    disentanglement_errors,
     disentanglement_map,
     element_groups,
     encoder_params,
@@ -124,6 +125,9 @@ def test_block_depth_and_groups(vit):
     theta = encoder_params(vit)
     depths = {block_depth(k) for k in theta}
     assert depths == {None, 0, 1, 2}
+    levels = {depth_level(k, 3) for k in theta}
+    assert levels == {-1, 0, 1, 2, 3}  # before the blocks, each block, the final norm
+    assert depth_level("trunk.ln_f.weight", 3) == 3 and depth_level("cls_token", 3) == -1
     groups = element_groups(theta)
     assert groups.numel() == flatten_params(theta).numel()
     assert torch.equal(torch.bincount(groups), torch.tensor([p.numel() for p in theta.values()]))
@@ -144,7 +148,9 @@ def test_lines_keeps_alpha_in_the_first_block_and_alpha_plus_beta_in_the_last(vi
     with pytest.raises(PretrainNbError, match="at least 2"):
         lines_scales(theta, 1, alpha, beta)
     tau = task_vector(_noise(theta), theta)
-    assert multitask_alpha([tau, tau, -tau, tau]) == 0.25  # 1/T for task arithmetic
+    assert multitask_alpha([tau, tau, -tau, tau]) == pytest.approx(0.25)  # 1/T for task arithmetic
+    half = multitask_alpha([tau, tau], merged=tau)  # a merged vector half the sum's length
+    assert half == pytest.approx(1.0)  # (‖2τ‖ / ‖τ‖) / 2
 
 
 def test_atlas_learns_tasks_times_blocks_coefficients_and_nothing_else(vit, images):
@@ -185,10 +191,14 @@ def test_disentanglement_error_is_zero_without_edits_and_symmetric(vit, images):
     data = [(images, labels), (images.flip(3), labels)]
     zero = torch.zeros_like(flatten_params(theta))
     big = [task_vector(_noise(theta, 1.0, seed=s), theta) for s in (9, 10)]
-    assert disentanglement_error(vit, theta, [zero, zero], [head, head], data, (0, 1)) == 0.0
-    forward = disentanglement_error(vit, theta, big, [head, head], data, (0, 1))
-    swapped = disentanglement_error(vit, theta, big[::-1], [head, head], data[::-1], (0, 1))
+    assert disentanglement_errors(vit, theta, [zero, zero], [head, head], data, [(0, 1)]) == [0.0]
+    (forward,) = disentanglement_errors(vit, theta, big, [head, head], data, [(0, 1)])
+    (swapped,) = disentanglement_errors(vit, theta, big[::-1], [head, head], data[::-1], [(0, 1)])
     assert forward > 0 and forward == swapped
+    # several pairs at once give what each pair gives alone
+    three = [*big, zero]
+    both = disentanglement_errors(vit, theta, three, [head] * 3, [*data, data[0]], [(0, 1), (1, 2)])
+    assert both[0] == forward
     xi = disentanglement_map(vit, theta, big, [head, head], data, [0.0, 1.0])
     assert xi[0][0] == 0.0 and xi[1][1] == forward
 
@@ -226,7 +236,8 @@ def test_run_merging_repeats_exactly_and_the_plain_edit_is_the_fine_tuned_model(
     assert np.array_equal(a.finetuned, b.finetuned)
     assert a.merged["aTLAS"]["test"] == b.merged["aTLAS"]["test"]
     assert a.disentanglement == b.disentanglement
-    assert set(a.merged) == {"task arithmetic", "LiNeS", "aTLAS", "isotropic"}
+    assert set(a.merged) == {"task arithmetic", "LiNeS", "LiNeS (α = λ*)", "aTLAS", "isotropic"}
+    assert set(a.pixels) == set(TINY.tasks) and all(0 <= v <= 1 for v in a.pixels.values())
     assert a.atlas["coefficients"].shape == (4, len(dict(TINY.encoder().named_parameters())))
 
 
