@@ -67,6 +67,7 @@ def test_list_groups_the_notebooks_by_part():
     assert "8x beyond text and images (no notebook yet)" in parts
     assert out.index("6x science") < out.index("60_knowledge") < out.index("7x adaptation")
     assert out.index("7x adaptation") < out.index("70_task_vectors") < out.index("8x beyond")
+    assert out.index("70_task_vectors") < out.index("71_peft_continual") < out.index("8x beyond")
     assert out.index("1x vision") < out.index("10_mim_mae") < out.index("2x language")
     assert out.index("5x architecture") < out.index("50_layernorm")
 
