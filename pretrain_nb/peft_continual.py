@@ -7,11 +7,11 @@ Source: `nbs/71_peft_continual.ipynb`."""
 
 # %% auto #0
 __all__ = ['PEFT_TASKS', 'PEFT_METHODS', 'PEFT_CONFIGS', 'peft_splits', 'LoRA', 'SVFit', 'ScaledBranch', 'adapter_parameters',
-           'peft_model', 'predict', 'train_classifier', 'class_stream', 'features', 'nmc_matrix',
+           'peft_model', 'predict', 'train_classifier', 'class_stream', 'features', 'PixelFeatures', 'nmc_matrix',
            'representation_accuracy', 'SeenClasses', 'align_classifier', 'finetune_stream', 'AdaptationRun',
            'AdaptationResult', 'run_adaptation']
 
-# %% ../nbs/71_peft_continual.ipynb #b52a7c9e
+# %% ../nbs/71_peft_continual.ipynb #12af5657
 import copy
 import dataclasses
 import math
@@ -21,12 +21,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import PretrainNbError, one_of, seed_everything
+from .core import PretrainNbError, make_accelerator, one_of, seed_everything
 from .data import image_tensors, load_digits_images, load_fashion_mnist
+from .evaluation import linear_probe
 from .models import EncoderClassifier, ViT, ViTSettings
 from .training import RunSettings
 
-# %% ../nbs/71_peft_continual.ipynb #c0c5ada7
+# %% ../nbs/71_peft_continual.ipynb #b73f97b8
 PEFT_TASKS = ("digits", "rotated")
 
 
@@ -56,7 +57,7 @@ def peft_splits(task: str, n_train: int, n_val: int, n_test: int) -> dict:
         out[part] = (x.clamp(0, 1), y)
     return out
 
-# %% ../nbs/71_peft_continual.ipynb #e3fa82d6
+# %% ../nbs/71_peft_continual.ipynb #7acd3470
 class LoRA(nn.Module):
     """A frozen nn.Linear plus (alpha / rank) B A on each block of output rows in `rows`; B starts at 0, so
     the wrapped layer starts as the frozen one exactly."""
@@ -83,7 +84,7 @@ class LoRA(nn.Module):
             delta[..., r] = (x @ A.T) @ B.T
         return y + self.scale * delta
 
-# %% ../nbs/71_peft_continual.ipynb #93755629
+# %% ../nbs/71_peft_continual.ipynb #afb199cd
 class SVFit(nn.Module):
     """A frozen nn.Linear plus U_r diag(s − s_0) V_r^T on each block of output rows: only the top `rank`
     singular values s of each block's weight train (all of them when rank is None); s starts at s_0."""
@@ -109,7 +110,7 @@ class SVFit(nn.Module):
             delta[..., r] = ((x @ getattr(self, f"Vh{k}").T) * change) @ getattr(self, f"U{k}").T
         return y + delta
 
-# %% ../nbs/71_peft_continual.ipynb #68425e8b
+# %% ../nbs/71_peft_continual.ipynb #e290bf2c
 class ScaledBranch(nn.Module):
     "DiffFit's learned scale of a residual branch: γ · branch(x), γ starting at 1."
 
@@ -121,12 +122,12 @@ class ScaledBranch(nn.Module):
     def forward(self, *args, **kwargs):
         return self.gamma * self.branch(*args, **kwargs)
 
-# %% ../nbs/71_peft_continual.ipynb #658e3cf5
+# %% ../nbs/71_peft_continual.ipynb #ede5117e
 def adapter_parameters(model: EncoderClassifier) -> int:
     "Trainable parameters of the encoder: what a method adds or unfreezes, the head aside."
     return sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
 
-# %% ../nbs/71_peft_continual.ipynb #90bc65a4
+# %% ../nbs/71_peft_continual.ipynb #fbdcc639
 PEFT_METHODS = ("probe", "full", "lora", "svfit-qv", "svfit", "difffit")
 
 
@@ -158,8 +159,11 @@ def peft_model(encoder: ViT, method: str, n_classes: int, rank: int | None = Non
             block.mlp = ScaledBranch(block.mlp)
             gammas += [block.attn.gamma, block.mlp.gamma]
     if method == "difffit":  # biases and norms train too
+        for module in enc.modules():
+            if isinstance(module, nn.LayerNorm):
+                module.requires_grad_(True)
         for name, p in enc.named_parameters():
-            if name.endswith("bias") or ".ln" in name or name.startswith("trunk.ln_f"):
+            if name.endswith("bias"):
                 p.requires_grad_(True)
     model = EncoderClassifier(enc, n_classes)
     gamma_ids = {id(g) for g in gammas}
@@ -167,27 +171,44 @@ def peft_model(encoder: ViT, method: str, n_classes: int, rank: int | None = Non
     groups = [{"params": rest, "lr_scale": 1.0}] + ([{"params": gammas, "lr_scale": 10.0}] if gammas else [])
     return model, groups
 
-# %% ../nbs/71_peft_continual.ipynb #ccc5dfdd
+# %% ../nbs/71_peft_continual.ipynb #0b9efb27
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    "The class `model` gives each image (batched, eval mode, no gradients)."
+    "The class `model` gives each image (batched, eval mode, no gradients, on the model's device)."
     model.eval()
-    return torch.cat([model(images[i : i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
+    device = next(model.parameters()).device
+    batches = (images[i : i + batch_size].to(device) for i in range(0, len(images), batch_size))
+    return torch.cat([model(x).argmax(1).cpu() for x in batches])
 
-# %% ../nbs/71_peft_continual.ipynb #2721ce0c
+# %% ../nbs/71_peft_continual.ipynb #3aed15bd
 def train_classifier(
-    model: nn.Module, groups: list, data: tuple, epochs: int, lr: float, batch_size: int, seed: int
+    model: nn.Module,
+    groups: list,
+    data: tuple,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    weight_decay: float = 0.01,
 ) -> nn.Module:
     """Train `model` on data = (images, labels) with AdamW over `groups` (each at lr x its 'lr_scale'), a
-    tenth of warmup then a cosine decay, for `epochs` passes in an order drawn from `seed`."""
+    tenth of warmup then a cosine decay, for `epochs` passes in an order drawn from `seed`, on the model's
+    device. Weight decay pulls matrices only: singular values, scales and norm gains have a neutral value
+    that is not 0."""
     x, y = data
+    device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = max(1, len(x) // batch_size)
     total = epochs * steps_per_epoch
     warmup = max(1, total // 10)
-    opt = torch.optim.AdamW(
-        [{"params": g["params"], "lr": lr * g["lr_scale"]} for g in groups if g["params"]], weight_decay=0.01
-    )
+    param_groups = []
+    for g in groups:
+        for decay in (True, False):
+            params = [p for p in g["params"] if (p.dim() >= 2) == decay]
+            if params:
+                param_groups.append({"params": params, "lr": lr * g["lr_scale"],
+                                     "weight_decay": weight_decay if decay else 0.0})  # fmt: skip
+    opt = torch.optim.AdamW(param_groups)
     schedule = lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     model.train()
@@ -195,14 +216,14 @@ def train_classifier(
         order = torch.randperm(len(x), generator=gen)
         for i in range(steps_per_epoch):
             idx = order[i * batch_size : (i + 1) * batch_size]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss = F.cross_entropy(model(x[idx].to(device)), y[idx].to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
     return model.eval()
 
-# %% ../nbs/71_peft_continual.ipynb #30e155e1
+# %% ../nbs/71_peft_continual.ipynb #aa5f4dbc
 def class_stream(n_tasks: int, per_class_train: int, per_class_test: int) -> list[dict]:
     """Fashion-MNIST as `n_tasks` tasks of 10 / n_tasks classes each: [{'classes', 'train': (x, y),
     'test': (x, y)}], the first `per_class_*` images of each class."""
@@ -221,15 +242,29 @@ def class_stream(n_tasks: int, per_class_train: int, per_class_test: int) -> lis
         stream.append(task)
     return stream
 
-# %% ../nbs/71_peft_continual.ipynb #7752cbdc
+# %% ../nbs/71_peft_continual.ipynb #6b041322
 @torch.no_grad()
 def features(encoder: ViT, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    "The mean patch token (N, d) of a frozen encoder, batched."
+    "The mean patch token (N, d) of a frozen encoder, batched, on the CPU."
     encoder.eval()
-    out = [encoder(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-    return torch.cat([t[:, 1:].mean(1) for t in out])
+    device = next(encoder.parameters()).device
+    out = [encoder(images[i : i + batch_size].to(device)) for i in range(0, len(images), batch_size)]
+    return torch.cat([t[:, 1:].mean(1).cpu() for t in out])
 
-# %% ../nbs/71_peft_continual.ipynb #1dcc70ff
+# %% ../nbs/71_peft_continual.ipynb #aa9fdb09
+class PixelFeatures(nn.Module):
+    """The raw pixels as an 'encoder', the simple baseline: tokens (class slot, flattened image) whose patch
+    mean `features` reads is the image itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_parameter("anchor", nn.Parameter(torch.zeros(()), requires_grad=False))  # its device
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        flat = images.flatten(1)
+        return torch.stack([torch.zeros_like(flat), flat], dim=1)
+
+# %% ../nbs/71_peft_continual.ipynb #c3b4e5c8
 def nmc_matrix(encoder: ViT, stream: list) -> np.ndarray:
     """Nearest class mean on a frozen encoder: after each task, the class means of every class seen so far,
     and each seen task's test accuracy (cosine similarity to the means, among the seen classes)."""
@@ -248,7 +283,7 @@ def nmc_matrix(encoder: ViT, stream: list) -> np.ndarray:
             acc[i, j] = (pred == stream[j]["test"][1]).float().mean().item()
     return acc
 
-# %% ../nbs/71_peft_continual.ipynb #73ba1f94
+# %% ../nbs/71_peft_continual.ipynb #3eec2cee
 def representation_accuracy(encoder: ViT, stream: list, per_class: int) -> float:
     """How well an encoder's features still separate every class of the stream: nearest class mean over all
     classes at once, the means from the first `per_class` training images of each class."""
@@ -262,7 +297,7 @@ def representation_accuracy(encoder: ViT, stream: list, per_class: int) -> float
                "test": tuple(torch.cat([t["test"][k] for t in subset]) for k in (0, 1))}]  # fmt: skip
     return float(nmc_matrix(encoder, merged)[0, 0])
 
-# %% ../nbs/71_peft_continual.ipynb #f0350813
+# %% ../nbs/71_peft_continual.ipynb #f1ee3a56
 class SeenClasses(nn.Module):
     "A classifier whose logits of classes not seen yet are masked out: it chooses among the seen classes."
 
@@ -276,7 +311,7 @@ class SeenClasses(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x) + self.mask
 
-# %% ../nbs/71_peft_continual.ipynb #c19db1e3
+# %% ../nbs/71_peft_continual.ipynb #c4b84cf3
 def align_classifier(head: nn.Linear, stats: dict, samples: int, steps: int, lr: float, seed: int) -> None:
     """SLCA's classifier alignment: re-train `head` (in place) on features sampled from N(mean, cov) of every
     class in `stats` {class: (mean, cov)}, the logits of other classes masked out."""
@@ -289,8 +324,9 @@ def align_classifier(head: nn.Linear, stats: dict, samples: int, steps: int, lr:
         chol = torch.linalg.cholesky(cov + 1e-4 * torch.eye(len(mean)))
         feats.append(mean + torch.randn(samples, len(mean), generator=gen) @ chol.T)
         labels.append(torch.full((samples,), c))
-    x, y = torch.cat(feats), torch.cat(labels)
-    mask = torch.full((head.out_features,), float("-inf"))
+    device = head.weight.device
+    x, y = torch.cat(feats).to(device), torch.cat(labels).to(device)
+    mask = torch.full((head.out_features,), float("-inf"), device=device)
     mask[classes] = 0.0
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
     for _ in range(steps):
@@ -299,7 +335,7 @@ def align_classifier(head: nn.Linear, stats: dict, samples: int, steps: int, lr:
         loss.backward()
         opt.step()
 
-# %% ../nbs/71_peft_continual.ipynb #c0412e88
+# %% ../nbs/71_peft_continual.ipynb #eac2db69
 def finetune_stream(
     encoder: ViT,
     stream: list,
@@ -311,7 +347,9 @@ def finetune_stream(
     seed: int = 0,
     align_samples: int = 256,
     align_steps: int = 100,
+    align_lr: float = 0.1,
     rep_per_class: int = 200,
+    weight_decay: float = 0.01,
 ) -> tuple[np.ndarray, float]:
     """Fine-tune a copy of `encoder` with one 10-way head through the tasks of `stream` in order (the encoder
     at lr x `backbone_scale`: 1 is sequential fine-tuning, 0.01 SLCA's slow learner); with `align`, SLCA's
@@ -328,21 +366,21 @@ def finetune_stream(
     seen, stats = [], {}
     for i, task in enumerate(stream):
         seen += task["classes"]
-        train_classifier(
-            SeenClasses(model, seen, 10), groups, task["train"], epochs, lr, batch_size, seed + i
-        )
+        device = next(model.parameters()).device
+        masked = SeenClasses(model, seen, 10).to(device)
+        train_classifier(masked, groups, task["train"], epochs, lr, batch_size, seed + i, weight_decay)
         if align:
             f = features(model.encoder, task["train"][0])
             for c in task["classes"]:
                 fc = f[task["train"][1] == c]
                 stats[c] = (fc.mean(0), torch.cov(fc.T))
-            align_classifier(model.head, stats, align_samples, align_steps, lr, seed + i)
+            align_classifier(model.head, stats, align_samples, align_steps, align_lr, seed + i)
         for j in range(i + 1):
-            pred = predict(SeenClasses(model, seen, 10), stream[j]["test"][0])
+            pred = predict(SeenClasses(model, seen, 10).to(device), stream[j]["test"][0])
             acc[i, j] = (pred == stream[j]["test"][1]).float().mean().item()
     return acc, representation_accuracy(model.encoder, stream, rep_per_class)
 
-# %% ../nbs/71_peft_continual.ipynb #8bbb5f70
+# %% ../nbs/71_peft_continual.ipynb #8db1c536
 PEFT_CONFIGS = (("probe", None), ("full", None), ("lora", 1), ("lora", 8), ("svfit-qv", None), ("svfit", 4),
                 ("difffit", None))  # fmt: skip
 
@@ -358,8 +396,9 @@ class AdaptationRun(RunSettings, ViTSettings):
     n_test: int = 360  # the digits have 360 test images
     peft_epochs: int = 2
     batch_size: int = 16
-    lrs: tuple = (1e-2, 3e-2, 1e-1)  # the learning-rate grid of the probe and every PEFT method
-    full_lrs: tuple = (3e-4, 1e-3, 3e-3)  # full fine-tuning's: as many values (the same budget), lower
+    lrs: tuple = (3e-3, 1e-2, 3e-2, 1e-1)  # the learning-rate grid of the probe and every PEFT method
+    full_lrs: tuple = (3e-4, 1e-3, 3e-3, 1e-2)  # full fine-tuning's: as many values (the same budget), lower
+    weight_decay: float = 0.01  # AdamW's, on matrices only
     configs: tuple = PEFT_CONFIGS
     n_tasks: int = 5  # the continual stream
     per_class_train: int = 1000
@@ -369,6 +408,7 @@ class AdaptationRun(RunSettings, ViTSettings):
     slow_scale: float = 0.01  # SLCA's slow learner: the encoder at a hundredth of the head's rate
     align_samples: int = 256  # sampled features per class for classifier alignment
     align_steps: int = 100
+    align_lr: float = 0.1  # SGD with momentum on the sampled features
     rep_per_class: int = 200  # training images per class for the representation accuracy
 
     def __post_init__(self):
@@ -394,7 +434,7 @@ class AdaptationRun(RunSettings, ViTSettings):
         "A fresh encoder of this size (MAE's sine-cosine positions)."
         return self.vit(28, 1, "sincos")
 
-# %% ../nbs/71_peft_continual.ipynb #bcf80ada
+# %% ../nbs/71_peft_continual.ipynb #94356fb7
 @dataclasses.dataclass
 class AdaptationResult:
     "One seed: PEFT rows (one per task and configuration) and the continual accuracy matrices."
@@ -403,13 +443,14 @@ class AdaptationResult:
     run: AdaptationRun
     # [{'task', 'method', 'rank', 'adapter_parameters', 'lr', 'val', 'test', 'val_by_lr', 'confusion'}]
     peft: list
-    untrained_probe: dict  # {task: test accuracy of the head alone on an untrained encoder}
+    linear_probes: dict  # {task: {'pre-trained', 'untrained', 'pixels': logistic regression's test accuracy}}
     continual: dict  # {method: accuracy matrix (tasks trained x tasks tested)}; 'joint' has its last row only
     representation: dict  # {method: NMC accuracy over every class on the final encoder's features}
     untrained_nmc: float  # NMC's final average accuracy on an untrained encoder
+    pixels_nmc: float  # and on the raw pixels
     seconds: float = 0.0
 
-# %% ../nbs/71_peft_continual.ipynb #ec6e72c4
+# %% ../nbs/71_peft_continual.ipynb #c9c54364
 def run_adaptation(seed: int, profile, encoder_state: dict, **settings) -> AdaptationResult:
     """Every arm of one seed on the encoder whose weights are `encoder_state` (AdaptationRun settings)."""
     import time
@@ -417,28 +458,31 @@ def run_adaptation(seed: int, profile, encoder_state: dict, **settings) -> Adapt
     start = time.perf_counter()
     run = AdaptationRun.from_settings(settings)
     seed_everything(seed)
+    device = make_accelerator(profile).device  # a GPU under `full`, the CPU otherwise
     encoder = run.encoder()
     encoder.load_state_dict(encoder_state)
     untrained = run.encoder()  # drawn from `seed`
-    peft, untrained_probe = [], {}
+    encoder, untrained, pixels = encoder.to(device), untrained.to(device), PixelFeatures().to(device)
+    peft, linear_probes = [], {}
     for task in PEFT_TASKS:
         data = peft_splits(task, run.n_train, run.n_val, run.n_test)
         n_classes = int(data["train"][1].max()) + 1
         accuracy = lambda m, part: (predict(m, data[part][0]) == data[part][1]).float().mean().item()
-        tried = []  # the untrained encoder's probe gets the probe's grid and choice too
-        for lr in run.lr_grid("probe"):
-            torch.manual_seed(seed)
-            model, groups = peft_model(untrained, "probe", n_classes)
-            train_classifier(model, groups, data["train"], run.peft_epochs, lr, run.batch_size, seed)
-            tried.append((accuracy(model, "val"), accuracy(model, "test")))
-        untrained_probe[task] = max(tried, key=lambda vt: vt[0])[1]  # chosen on val, ties to the first
+        # converged linear probes (logistic regression) on the pre-trained and an untrained encoder, and on
+        # the raw pixels: the precondition and the simple baseline
+        linear_probes[task] = {
+            name: linear_probe(features(enc, data["train"][0]), data["train"][1],
+                               features(enc, data["test"][0]), data["test"][1])
+            for name, enc in (("pre-trained", encoder), ("untrained", untrained), ("pixels", pixels))
+        }  # fmt: skip
         for method, rank in run.configs:
             by_lr = []
             grid = run.lr_grid(method)
             for lr in grid:
                 torch.manual_seed(seed)  # the same head (and LoRA factors) at every learning rate
                 model, groups = peft_model(encoder, method, n_classes, rank)
-                train_classifier(model, groups, data["train"], run.peft_epochs, lr, run.batch_size, seed)
+                train_classifier(model, groups, data["train"], run.peft_epochs, lr, run.batch_size, seed,
+                                 run.weight_decay)  # fmt: skip
                 by_lr.append((accuracy(model, "val"), accuracy(model, "test"), model))
             best = int(np.argmax([v for v, _, _ in by_lr]))
             pred = predict(by_lr[best][2], data["test"][0])
@@ -451,15 +495,18 @@ def run_adaptation(seed: int, profile, encoder_state: dict, **settings) -> Adapt
 
     stream = class_stream(run.n_tasks, run.per_class_train, run.per_class_test)
     continual = {"NMC": nmc_matrix(encoder, stream)}
-    representation = {"NMC": representation_accuracy(encoder, stream, run.rep_per_class)}
+    representation = {
+        name: representation_accuracy(enc, stream, run.rep_per_class)
+        for name, enc in (("NMC", encoder), ("untrained", untrained), ("pixels", pixels))
+    }
     arms = {"sequential": dict(), "slow learner": dict(backbone_scale=run.slow_scale),
             "SLCA": dict(backbone_scale=run.slow_scale, align=True)}  # fmt: skip
     for name, kwargs in arms.items():
         torch.manual_seed(seed)
         continual[name], representation[name] = finetune_stream(
             encoder, stream, run.cl_lr, epochs=run.cl_epochs, batch_size=run.batch_size, seed=seed,
-            align_samples=run.align_samples, align_steps=run.align_steps, rep_per_class=run.rep_per_class,
-            **kwargs)  # fmt: skip
+            align_samples=run.align_samples, align_steps=run.align_steps, align_lr=run.align_lr,
+            rep_per_class=run.rep_per_class, weight_decay=run.weight_decay, **kwargs)  # fmt: skip
     # joint training: every task's images at once, the same number of steps in all
     everything = [{"classes": list(range(10)),
                    "train": tuple(torch.cat([t["train"][k] for t in stream]) for k in (0, 1)),
@@ -467,18 +514,21 @@ def run_adaptation(seed: int, profile, encoder_state: dict, **settings) -> Adapt
     torch.manual_seed(seed)
     model = EncoderClassifier(copy.deepcopy(encoder).requires_grad_(True), 10)
     groups = [{"params": list(model.parameters()), "lr_scale": 1.0}]
-    train_classifier(model, groups, everything[0]["train"], run.cl_epochs, run.cl_lr, run.batch_size, seed)
+    train_classifier(model, groups, everything[0]["train"], run.cl_epochs, run.cl_lr, run.batch_size, seed,
+                     run.weight_decay)  # fmt: skip
     joint = np.full((run.n_tasks, run.n_tasks), np.nan)
     for j, t in enumerate(stream):
         joint[-1, j] = (predict(model, t["test"][0]) == t["test"][1]).float().mean().item()
     continual["joint"] = joint
     representation["joint"] = representation_accuracy(model.encoder, stream, run.rep_per_class)
     untrained_nmc = float(np.nanmean(nmc_matrix(untrained, stream)[-1]))
+    pixels_nmc = float(np.nanmean(nmc_matrix(pixels, stream)[-1]))
     return AdaptationResult(
         seed=seed,
         run=run,
         peft=peft,
-        untrained_probe=untrained_probe,
+        linear_probes=linear_probes,
+        pixels_nmc=pixels_nmc,
         continual=continual,
         representation=representation,
         untrained_nmc=untrained_nmc,
