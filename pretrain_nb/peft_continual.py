@@ -11,7 +11,7 @@ __all__ = ['PEFT_TASKS', 'PEFT_METHODS', 'PEFT_CONFIGS', 'peft_splits', 'LoRA', 
            'representation_accuracy', 'SeenClasses', 'align_classifier', 'finetune_stream', 'AdaptationRun',
            'AdaptationResult', 'run_adaptation']
 
-# %% ../nbs/71_peft_continual.ipynb #12af5657
+# %% ../nbs/71_peft_continual.ipynb #71aa5c88
 import copy
 import dataclasses
 import math
@@ -27,7 +27,7 @@ from .evaluation import linear_probe
 from .models import EncoderClassifier, ViT, ViTSettings
 from .training import RunSettings
 
-# %% ../nbs/71_peft_continual.ipynb #b73f97b8
+# %% ../nbs/71_peft_continual.ipynb #12f9c74b
 PEFT_TASKS = ("digits", "rotated")
 
 
@@ -57,7 +57,7 @@ def peft_splits(task: str, n_train: int, n_val: int, n_test: int) -> dict:
         out[part] = (x.clamp(0, 1), y)
     return out
 
-# %% ../nbs/71_peft_continual.ipynb #7acd3470
+# %% ../nbs/71_peft_continual.ipynb #16d5994b
 class LoRA(nn.Module):
     """A frozen nn.Linear plus (alpha / rank) B A on each block of output rows in `rows`; B starts at 0, so
     the wrapped layer starts as the frozen one exactly."""
@@ -84,7 +84,7 @@ class LoRA(nn.Module):
             delta[..., r] = (x @ A.T) @ B.T
         return y + self.scale * delta
 
-# %% ../nbs/71_peft_continual.ipynb #afb199cd
+# %% ../nbs/71_peft_continual.ipynb #a344bd31
 class SVFit(nn.Module):
     """A frozen nn.Linear plus U_r diag(s − s_0) V_r^T on each block of output rows: only the top `rank`
     singular values s of each block's weight train (all of them when rank is None); s starts at s_0."""
@@ -110,7 +110,7 @@ class SVFit(nn.Module):
             delta[..., r] = ((x @ getattr(self, f"Vh{k}").T) * change) @ getattr(self, f"U{k}").T
         return y + delta
 
-# %% ../nbs/71_peft_continual.ipynb #e290bf2c
+# %% ../nbs/71_peft_continual.ipynb #43b9ba54
 class ScaledBranch(nn.Module):
     "DiffFit's learned scale of a residual branch: γ · branch(x), γ starting at 1."
 
@@ -122,12 +122,12 @@ class ScaledBranch(nn.Module):
     def forward(self, *args, **kwargs):
         return self.gamma * self.branch(*args, **kwargs)
 
-# %% ../nbs/71_peft_continual.ipynb #ede5117e
+# %% ../nbs/71_peft_continual.ipynb #d3e9fd55
 def adapter_parameters(model: EncoderClassifier) -> int:
     "Trainable parameters of the encoder: what a method adds or unfreezes, the head aside."
     return sum(p.numel() for p in model.encoder.parameters() if p.requires_grad)
 
-# %% ../nbs/71_peft_continual.ipynb #fbdcc639
+# %% ../nbs/71_peft_continual.ipynb #3f725c2a
 PEFT_METHODS = ("probe", "full", "lora", "svfit-qv", "svfit", "difffit")
 
 
@@ -171,7 +171,7 @@ def peft_model(encoder: ViT, method: str, n_classes: int, rank: int | None = Non
     groups = [{"params": rest, "lr_scale": 1.0}] + ([{"params": gammas, "lr_scale": 10.0}] if gammas else [])
     return model, groups
 
-# %% ../nbs/71_peft_continual.ipynb #0b9efb27
+# %% ../nbs/71_peft_continual.ipynb #e9346649
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     "The class `model` gives each image (batched, eval mode, no gradients, on the model's device)."
@@ -180,7 +180,7 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> t
     batches = (images[i : i + batch_size].to(device) for i in range(0, len(images), batch_size))
     return torch.cat([model(x).argmax(1).cpu() for x in batches])
 
-# %% ../nbs/71_peft_continual.ipynb #3aed15bd
+# %% ../nbs/71_peft_continual.ipynb #0ff622d2
 def train_classifier(
     model: nn.Module,
     groups: list,
@@ -223,7 +223,7 @@ def train_classifier(
             sched.step()
     return model.eval()
 
-# %% ../nbs/71_peft_continual.ipynb #aa5f4dbc
+# %% ../nbs/71_peft_continual.ipynb #f0f7c3d7
 def class_stream(n_tasks: int, per_class_train: int, per_class_test: int) -> list[dict]:
     """Fashion-MNIST as `n_tasks` tasks of 10 / n_tasks classes each: [{'classes', 'train': (x, y),
     'test': (x, y)}], the first `per_class_*` images of each class."""
@@ -242,7 +242,7 @@ def class_stream(n_tasks: int, per_class_train: int, per_class_test: int) -> lis
         stream.append(task)
     return stream
 
-# %% ../nbs/71_peft_continual.ipynb #6b041322
+# %% ../nbs/71_peft_continual.ipynb #9473e989
 @torch.no_grad()
 def features(encoder: ViT, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     "The mean patch token (N, d) of a frozen encoder, batched, on the CPU."
@@ -251,7 +251,7 @@ def features(encoder: ViT, images: torch.Tensor, batch_size: int = 1000) -> torc
     out = [encoder(images[i : i + batch_size].to(device)) for i in range(0, len(images), batch_size)]
     return torch.cat([t[:, 1:].mean(1).cpu() for t in out])
 
-# %% ../nbs/71_peft_continual.ipynb #aa9fdb09
+# %% ../nbs/71_peft_continual.ipynb #97109c5d
 class PixelFeatures(nn.Module):
     """The raw pixels as an 'encoder', the simple baseline: tokens (class slot, flattened image) whose patch
     mean `features` reads is the image itself."""
@@ -264,7 +264,7 @@ class PixelFeatures(nn.Module):
         flat = images.flatten(1)
         return torch.stack([torch.zeros_like(flat), flat], dim=1)
 
-# %% ../nbs/71_peft_continual.ipynb #c3b4e5c8
+# %% ../nbs/71_peft_continual.ipynb #82d6773e
 def nmc_matrix(encoder: ViT, stream: list) -> np.ndarray:
     """Nearest class mean on a frozen encoder: after each task, the class means of every class seen so far,
     and each seen task's test accuracy (cosine similarity to the means, among the seen classes)."""
@@ -283,7 +283,7 @@ def nmc_matrix(encoder: ViT, stream: list) -> np.ndarray:
             acc[i, j] = (pred == stream[j]["test"][1]).float().mean().item()
     return acc
 
-# %% ../nbs/71_peft_continual.ipynb #3eec2cee
+# %% ../nbs/71_peft_continual.ipynb #501ee221
 def representation_accuracy(encoder: ViT, stream: list, per_class: int) -> float:
     """How well an encoder's features still separate every class of the stream: nearest class mean over all
     classes at once, the means from the first `per_class` training images of each class."""
@@ -297,7 +297,7 @@ def representation_accuracy(encoder: ViT, stream: list, per_class: int) -> float
                "test": tuple(torch.cat([t["test"][k] for t in subset]) for k in (0, 1))}]  # fmt: skip
     return float(nmc_matrix(encoder, merged)[0, 0])
 
-# %% ../nbs/71_peft_continual.ipynb #f1ee3a56
+# %% ../nbs/71_peft_continual.ipynb #aa9c1112
 class SeenClasses(nn.Module):
     "A classifier whose logits of classes not seen yet are masked out: it chooses among the seen classes."
 
@@ -311,7 +311,7 @@ class SeenClasses(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x) + self.mask
 
-# %% ../nbs/71_peft_continual.ipynb #c4b84cf3
+# %% ../nbs/71_peft_continual.ipynb #bd49a7a1
 def align_classifier(head: nn.Linear, stats: dict, samples: int, steps: int, lr: float, seed: int) -> None:
     """SLCA's classifier alignment: re-train `head` (in place) on features sampled from N(mean, cov) of every
     class in `stats` {class: (mean, cov)}, the logits of other classes masked out."""
@@ -335,7 +335,7 @@ def align_classifier(head: nn.Linear, stats: dict, samples: int, steps: int, lr:
         loss.backward()
         opt.step()
 
-# %% ../nbs/71_peft_continual.ipynb #eac2db69
+# %% ../nbs/71_peft_continual.ipynb #d7dc225f
 def finetune_stream(
     encoder: ViT,
     stream: list,
@@ -380,7 +380,7 @@ def finetune_stream(
             acc[i, j] = (pred == stream[j]["test"][1]).float().mean().item()
     return acc, representation_accuracy(model.encoder, stream, rep_per_class)
 
-# %% ../nbs/71_peft_continual.ipynb #8db1c536
+# %% ../nbs/71_peft_continual.ipynb #b053604b
 PEFT_CONFIGS = (("probe", None), ("full", None), ("lora", 1), ("lora", 8), ("svfit-qv", None), ("svfit", 4),
                 ("difffit", None))  # fmt: skip
 
@@ -434,7 +434,7 @@ class AdaptationRun(RunSettings, ViTSettings):
         "A fresh encoder of this size (MAE's sine-cosine positions)."
         return self.vit(28, 1, "sincos")
 
-# %% ../nbs/71_peft_continual.ipynb #94356fb7
+# %% ../nbs/71_peft_continual.ipynb #2ce321b1
 @dataclasses.dataclass
 class AdaptationResult:
     "One seed: PEFT rows (one per task and configuration) and the continual accuracy matrices."
@@ -450,7 +450,7 @@ class AdaptationResult:
     pixels_nmc: float  # and on the raw pixels
     seconds: float = 0.0
 
-# %% ../nbs/71_peft_continual.ipynb #c9c54364
+# %% ../nbs/71_peft_continual.ipynb #df5b1e0a
 def run_adaptation(seed: int, profile, encoder_state: dict, **settings) -> AdaptationResult:
     """Every arm of one seed on the encoder whose weights are `encoder_state` (AdaptationRun settings)."""
     import time
