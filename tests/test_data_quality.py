@@ -171,6 +171,13 @@ def test_min_k_picks_the_lowest_token_log_probabilities():
         min_k_split(lp, 0.0)
 
 
+def test_membership_tokenizer_never_sees_the_members():
+    from pretrain_nb.data_quality import MembershipRun, membership_documents
+
+    texts = membership_documents(MembershipRun(n_members=20, n_nonmembers=20), 0)
+    assert not set(texts["tokenizer"]) & set(texts["members"] + texts["nonmembers"] + texts["shifted"])
+
+
 def test_membership_scores_are_higher_for_more_likely_texts():
     member = torch.tensor([[-0.5, -0.5, -1.0]])
     other = torch.tensor([[-0.5, -0.5, -4.0]])
@@ -184,10 +191,10 @@ def test_membership_scores_are_higher_for_more_likely_texts():
 
 def test_run_quality_selection_is_deterministic_and_matches_its_budget():
     tiny = dict(per_topic=8, held_out_per_topic=2, chunk_chars=64, n_pairs=100, n_held_pairs=50, d_model=16,
-                n_layers=1, n_heads=2, batch_size=8)  # fmt: skip
+                n_layers=1, n_heads=2, batch_size=8, epochs=2)  # fmt: skip
     a, b = (run_quality_selection(0, SMOKE, "sample tau=2", **tiny) for _ in range(2))
     assert a.bits_per_char == b.bits_per_char and a.summary == b.summary
-    assert sum(a.summary["topic_counts"]) == 32 and a.tokens == 32 * 64
+    assert sum(a.summary["topic_counts"]) == 32 and a.tokens == 2 * 32 * 64  # two epochs of 32 documents
     with pytest.raises(PretrainNbError, match="selection"):
         run_quality_selection(0, SMOKE, "best", **tiny)
 
@@ -201,6 +208,9 @@ def test_meco_cooldown_resumes_the_same_run():
     assert meco.metadata_tokens == 2 * 18 * 4 and meco.tokens == 20 * 4 * 16
     again = run_metadata(0, SMOKE, "meco", **tiny)
     assert again.loss_plain == meco.loss_plain
+    # the cooldown continues the schedule: MeCo's learning rates are a standard run's, step by step
+    standard = run_metadata(0, SMOKE, "standard", **tiny)
+    assert meco.history["lr"] == pytest.approx(standard.history["lr"], rel=1e-9)
     with pytest.raises(PretrainNbError, match="metadata arm"):
         run_metadata(0, SMOKE, "urls", **tiny)
 
@@ -210,11 +220,8 @@ def test_run_membership_reads_each_epoch_and_refuses_bad_readings():
                 batch_size=16, d_model=16, n_layers=1, n_heads=2, reference_d_model=16, reference_n_layers=1,
                 ks=(0.2,))  # fmt: skip
     r = run_membership(0, SMOKE, **tiny)
-    assert (
-        set(r.scores) == {1, 2}
-        and "smaller reference" in r.scores[2]
-        and "smaller reference" not in r.scores[1]
-    )
+    assert set(r.scores) == {0, 1, 2}  # 0: before training
+    assert "smaller reference" in r.scores[2] and "smaller reference" not in r.scores[1]
     assert len(r.labels) == 64 == len(r.scores[2]["min-20%"]) and r.log_probs.shape[0] == 64
     with pytest.raises(PretrainNbError, match="readings"):
         run_membership(0, SMOKE, **(tiny | {"readings": (1,)}))
