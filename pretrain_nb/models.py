@@ -24,7 +24,7 @@ __all__ = ['NORM_PLACEMENTS', 'BLOCK_NORMS', 'POSITIONS', 'VIT_POSITIONS', 'VIT_
            'TransformerStack', 'init_weights', 'GPT', 'causal_lm_loss', 'lm_loss', 'masked_lm_loss', 'Encoder',
            'MLMHead', 'MaskedLM', 'patchify', 'unpatchify', 'sincos_positions_2d', 'random_masking', 'gather_tokens',
            'PatchPositions', 'ViT', 'EncoderClassifier', 'count_parameters', 'matmul_parameters', 'flops_per_token',
-           'vit_flops_per_image', 'training_flops', 'TransformerSettings', 'ViTSettings']
+           'vit_flops_per_image', 'training_flops', 'TransformerSettings', 'ViTSettings', 'PretrainedViTSettings']
 
 # %% ../nbs/02_models.ipynb #9a310830
 NORM_PLACEMENTS = ("pre", "post", "peri", "mix")  # per model; "mix" combines post and pre blocks
@@ -585,3 +585,21 @@ class ViTSettings(TransformerSettings):
     def vit(self, image_size: int, channels: int, positions: str = "sincos", **kwargs) -> ViT:
         "A fresh ViT of this size (an encoder, unless kwargs give n_classes)."
         return ViT(self.transformer_config(), image_size, self.patch_size, channels, positions, **kwargs)
+
+# %% ../nbs/02_models.ipynb #36203423
+@dataclasses.dataclass
+class PretrainedViTSettings(ViTSettings):
+    "The small MAE-pre-trained ViT the adaptation notebooks share: its size, patches and pre-training steps."
+
+    patch_size: int = 4  # 49 patches: MAE on 7x7 patches learns no better features than an untrained ViT
+    backbone_steps: int = 600  # MAE pre-training steps (pretrain_nb.mim_mae.pretrain_mae)
+
+    def backbone(self) -> dict:
+        "Settings for pretrain_nb.mim_mae.pretrain_mae: an MAE encoder of this size."
+        return dict(steps=self.backbone_steps, patch_size=self.patch_size, d_model=self.d_model,
+                    n_layers=self.n_layers, n_heads=self.n_heads, n_probe_train=100,
+                    n_probe_test=100)  # fmt: skip
+
+    def encoder(self) -> ViT:
+        "A fresh encoder of this size for 28x28 grey images (MAE's sine-cosine positions)."
+        return self.vit(28, 1, "sincos")

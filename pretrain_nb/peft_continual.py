@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .core import PretrainNbError, make_accelerator, one_of, seed_everything
 from .data import image_tensors, load_digits_images, load_fashion_mnist
 from .evaluation import linear_probe
-from .models import EncoderClassifier, ViT, ViTSettings
+from .models import EncoderClassifier, PretrainedViTSettings, ViT
 from .training import RunSettings
 
 # %% ../nbs/71_peft_continual.ipynb #12f9c74b
@@ -386,11 +386,10 @@ PEFT_CONFIGS = (("probe", None), ("full", None), ("lora", 1), ("lora", 8), ("svf
 
 
 @dataclasses.dataclass
-class AdaptationRun(RunSettings, ViTSettings):
-    "The sizes of one seed: the PEFT tasks and grid, and the continual stream."
+class AdaptationRun(RunSettings, PretrainedViTSettings):
+    """The sizes of one seed: the PEFT tasks and grid, and the continual stream; the encoder is the adaptation
+    notebooks' shared pre-trained ViT (`PretrainedViTSettings`)."""
 
-    patch_size: int = 4  # the task-vector notebook's encoder: MAE on 7x7 patches learns nothing useful
-    backbone_steps: int = 600  # MAE pre-training steps (pretrain_mae)
     n_train: int = 1000  # per PEFT task
     n_val: int = 180
     n_test: int = 360  # the digits have 360 test images
@@ -423,16 +422,6 @@ class AdaptationRun(RunSettings, ViTSettings):
     def lr_grid(self, method: str) -> tuple:
         "The learning rates `method` is tried at: full fine-tuning moves every weight and needs lower ones."
         return self.full_lrs if method == "full" else self.lrs
-
-    def backbone(self) -> dict:
-        "Settings for pretrain_nb.mim_mae.pretrain_mae: the task-vector notebook's MAE encoder."
-        return dict(steps=self.backbone_steps, patch_size=self.patch_size, d_model=self.d_model,
-                    n_layers=self.n_layers, n_heads=self.n_heads, n_probe_train=100,
-                    n_probe_test=100)  # fmt: skip
-
-    def encoder(self) -> ViT:
-        "A fresh encoder of this size (MAE's sine-cosine positions)."
-        return self.vit(28, 1, "sincos")
 
 # %% ../nbs/71_peft_continual.ipynb #2ce321b1
 @dataclasses.dataclass

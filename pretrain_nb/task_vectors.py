@@ -25,7 +25,7 @@ from torch.func import functional_call
 
 from .core import PretrainNbError, make_accelerator, one_of, seed_everything
 from .data import image_tensors, load_fashion_mnist
-from .models import ViT, ViTSettings
+from .models import PretrainedViTSettings, ViT
 from .training import RunSettings, TrainConfig, train
 
 # %% ../nbs/70_task_vectors.ipynb #307cd90d
@@ -345,10 +345,10 @@ def finetune_encoder(
 
 # %% ../nbs/70_task_vectors.ipynb #43a7ceeb
 @dataclasses.dataclass
-class TaskVectorRun(RunSettings, ViTSettings):
-    "The sizes of one seed of the task-vector experiments: tasks, images, fine-tuning, grids and aTLAS."
+class TaskVectorRun(RunSettings, PretrainedViTSettings):
+    """The sizes of one seed of the task-vector experiments: tasks, images, fine-tuning, grids and aTLAS; the
+    encoder is the adaptation notebooks' shared pre-trained ViT (`PretrainedViTSettings`)."""
 
-    patch_size: int = 4  # 49 patches: MAE on 7x7 patches learns no better features than an untrained ViT
     tasks: tuple = TASKS
     n_train: int = 4000  # per task, for fine-tuning
     n_head: int = 500  # of the train images, labelled for the head on θ_0 (a weak "zero-shot" head)
@@ -369,7 +369,6 @@ class TaskVectorRun(RunSettings, ViTSettings):
     map_max: float = 0.5
     map_images: int = 200  # per task, for the map
     chance_floor: float = 0.05  # zero-shot accuracy floored at chance + this, when normalizing by it
-    backbone_steps: int = 600  # MAE pre-training steps of the encoder (pretrain_mae)
 
     def __post_init__(self):
         if len(self.tasks) < 2 or any(t not in TASKS for t in self.tasks):
@@ -392,16 +391,6 @@ class TaskVectorRun(RunSettings, ViTSettings):
     def alphas(self) -> np.ndarray:
         "Single-task LiNeS's α, from 1 (the plain edit) down to 0."
         return np.round(np.linspace(1.0, 0.0, self.n_alphas), 4)
-
-    def backbone(self) -> dict:
-        "Settings for pretrain_nb.mim_mae.pretrain_mae: an MAE encoder of this run's size."
-        return dict(steps=self.backbone_steps, patch_size=self.patch_size, d_model=self.d_model,
-                    n_layers=self.n_layers, n_heads=self.n_heads, n_probe_train=100,
-                    n_probe_test=100)  # fmt: skip
-
-    def encoder(self) -> ViT:
-        "A fresh encoder of this size (MAE's sine-cosine positions)."
-        return self.vit(28, 1, "sincos")
 
 # %% ../nbs/70_task_vectors.ipynb #13618cdf
 LINES_AT_LAMBDA = "LiNeS (α = λ*)"  # reported arms' names
